@@ -1,0 +1,156 @@
+"""
+Arithmetic problems in graded levels, each with its integer answer and a worked solution.
+
+Levels (easiest first):
+    add2   2-digit addition or subtraction           47+85, 91-38
+    add3   3-digit addition or subtraction           347+285, 702-158
+    mul    2- or 3-digit number times one digit      347*6
+    multi  a multi-step expression                   (47+85)*3-29
+
+Subtractions never go below zero, so every answer is a non-negative integer.
+
+A worked solution does arithmetic the way it is taught in school: column by column from the
+right, each step a one-digit fact plus a carry or borrow, small enough for a tiny transformer.
+One operation is written `a op b:column,column,...>result`; a multi-step problem chains one such
+operation per step, each starting from the previous result:
+
+    347+285:7+5=12,4+8+1=13,3+2+1=6>632
+    702-158:12-8=4,10-5-1=4,7-1-1=5>544        (a top digit +10 when it borrows; -1 pays a borrow)
+    347*6:7*6=42,4*6+4=28,3*6+2=20>2082
+    (47+85)*3-29 -> 47+85:7+5=12,4+8+1=13>132 132*3:2*3=6,3*3=9,1*3=3>396 396-29:16-9=7,9-2-1=6,3-0=3>367
+
+Answering directly needs the whole computation in one forward pass; the worked solution needs
+only one-digit facts, so on the harder levels thinking is far more accurate than answering.
+
+Held-out split: a problem is held out iff a hash of its text falls in a fixed 1/20 bucket.
+Training streams reject such problems and the test set draws only from them, so the two can
+never meet, whatever the seeds.
+"""
+import hashlib
+import random
+from dataclasses import dataclass
+
+LEVELS = ("add2", "add3", "mul", "multi")
+HELDOUT_BUCKETS = 20   # 1 in 20 problems of each level is reserved for testing
+
+
+@dataclass(frozen=True)
+class Problem:
+    level: str
+    text: str        # "(47+85)*3-29"
+    answer: int
+    solution: str    # the worked solution, without tags
+
+    def document(self, think: bool) -> str:
+        """One pretraining document: direct answer, or worked solution then answer."""
+        head = f"{self.text}=<think>{self.solution}</think>" if think else f"{self.text}="
+        return f"{head}<answer>{self.answer}</answer>"
+
+
+def is_heldout(text: str) -> bool:
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % HELDOUT_BUCKETS == 0
+
+
+def _digits(n: int) -> list:
+    """Digits of n, least significant first: 347 -> [7, 4, 3]."""
+    return [int(c) for c in reversed(str(n))]
+
+
+def column_steps(a: int, op: str, b: int) -> tuple:
+    """School column arithmetic for a+b, a-b (a >= b >= 0) or a*b (b one digit).
+
+    Returns (steps, result): one string per column, least significant column first.
+    """
+    steps = []
+    if op == "*":
+        if not 0 <= b <= 9:
+            raise ValueError(f"column multiplication needs a one-digit multiplier, got {b}")
+        carry = 0
+        for d in _digits(a):
+            p = d * b + carry
+            steps.append(f"{d}*{b}" + (f"+{carry}" if carry else "") + f"={p}")
+            carry = p // 10
+        return steps, a * b
+    if op not in "+-" or a < 0 or b < 0 or (op == "-" and a < b):
+        raise ValueError(f"unsupported column operation {a}{op}{b}")
+    da, db = _digits(a), _digits(b)
+    da, db = da + [0] * (len(db) - len(da)), db + [0] * (len(da) - len(db))
+    carry = 0
+    for x, y in zip(da, db):
+        if op == "+":
+            s = x + y + carry
+            steps.append(f"{x}+{y}" + ("+1" if carry else "") + f"={s}")
+            carry = s // 10
+        else:
+            v = x - y - carry
+            top = x + 10 if v < 0 else x
+            steps.append(f"{top}-{y}" + ("-1" if carry else "") + f"={v % 10}")
+            carry = int(v < 0)
+    return steps, a + b if op == "+" else a - b
+
+
+def operation_solution(a: int, op: str, b: int) -> tuple:
+    steps, result = column_steps(a, op, b)
+    return f"{a}{op}{b}:{','.join(steps)}>{result}", result
+
+
+def worked_solution(ops: list) -> tuple:
+    """ops: [(a, op, b), (None, op, c), ...]; None means "the previous result"."""
+    parts, prev = [], None
+    for a, op, b in ops:
+        text, prev = operation_solution(prev if a is None else a, op, b)
+        parts.append(text)
+    return " ".join(parts), prev
+
+
+def make_problem(level: str, rng: random.Random) -> Problem:
+    """One random problem of a level (held-out or not; see training_problems/test_set)."""
+    r = rng.randint
+    while True:
+        if level in ("add2", "add3"):
+            lo, hi = (10, 99) if level == "add2" else (100, 999)
+            a, b, op = r(lo, hi), r(lo, hi), rng.choice("+-")
+            if op == "-" and a < b:
+                a, b = b, a
+            text, ops = f"{a}{op}{b}", [(a, op, b)]
+        elif level == "mul":
+            a, b = r(10, 999), r(2, 9)
+            text, ops = f"{a}*{b}", [(a, "*", b)]
+        elif level == "multi":
+            a, b, c, d = r(10, 99), r(10, 99), r(2, 9), r(10, 99)
+            op1, op3 = rng.choice("+-"), rng.choice("+-")
+            if op1 == "-" and a < b:
+                a, b = b, a
+            inner = a + b if op1 == "+" else a - b
+            if op3 == "-" and inner * c < d:
+                continue  # keep every intermediate and the answer non-negative
+            text, ops = f"({a}{op1}{b})*{c}{op3}{d}", [(a, op1, b), (None, "*", c), (None, op3, d)]
+        else:
+            raise ValueError(f"unknown level {level!r}; levels are {', '.join(LEVELS)}")
+        solution, answer = worked_solution(ops)
+        return Problem(level, text, answer, solution)
+
+
+def training_problems(rng: random.Random, levels=LEVELS):
+    """Endless stream of training problems, levels drawn uniformly, held-out problems skipped."""
+    while True:
+        p = make_problem(rng.choice(levels), rng)
+        if not is_heldout(p.text):
+            yield p
+
+
+def test_set(n_per_level: int, seed: int = 0, levels=LEVELS) -> dict:
+    """The fixed held-out set: {level: [Problem]}, distinct problems, all from the held-out bucket."""
+    rng, out = random.Random(f"nanor1-test-{seed}"), {}
+    for level in levels:
+        seen, probs = set(), []
+        for _ in range(200 * n_per_level + 10_000):
+            p = make_problem(level, rng)
+            if is_heldout(p.text) and p.text not in seen:
+                seen.add(p.text)
+                probs.append(p)
+                if len(probs) == n_per_level:
+                    break
+        out[level] = probs
+    return out

@@ -1,0 +1,852 @@
+"""
+nanor1: DeepSeek-R1-Zero in miniature. A tiny DeepSeek-V3 (MLA + DeepSeekMoE, see moe.py) is
+pretrained from scratch on arithmetic, then trained with GRPO on verifiable rewards until it
+learns, by itself, to think step by step before it answers.
+
+    python nanor1.py                              # everything, on a laptop CPU (~15 min)
+    python nanor1.py --stage grpo                 # one stage alone, from out/base.pt
+    python nanor1.py --stage eval --init_from out/final.pt
+    torchrun --standalone --nproc_per_node=8 nanor1.py --dim 256 ...   # many GPUs (see train.sh)
+    python nanor1.py --help                       # every setting, with its default
+
+The file reads top to bottom in the order things run: config, tokenizer, distributed setup,
+pretraining, rewards, rollouts, evaluation, the GRPO math, the GRPO trainer, plots, main().
+
+Where nanor1 departs from DeepSeek-R1-Zero, and why:
+  1. The task is arithmetic, generated in code, not competition math: answers are checkable by a
+     parser, and a 1M-parameter model can learn it on a CPU in minutes.
+  2. The base model is pretrained on a corpus where a minority of documents (--think_frac) are worked
+     solutions in the R1 tag format. DeepSeek-V3-Base saw reasoning on the web; ours has to see it
+     somewhere. GRPO still has to discover, from reward alone, that thinking pays.
+  3. The prompt is just the problem ("(47+85)*3-29="), not R1's instruction template: a tiny model
+     has no use for instructions. The format reward asks for the same <think>/<answer> shape.
+  4. Rewards are rule-based exactly as in R1-Zero (accuracy + format); no neural reward model.
+  5. GRPO as in DeepSeekMath: group-normalised advantages, PPO clipping, k3 KL to the frozen base.
+     Dr. GRPO and DAPO variants are flags (--scale_by_std, --agg, --clip_high, --drop_zero_std).
+  6. Everything is tiny: ~1.8M parameters (0.9M active), groups of 8, a few hundred RL steps.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data import LEVELS, Problem, test_set, training_problems
+from moe import KVCache, ModelConfig, Transformer
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass for the run, plus moe.ModelConfig for the model; both become flags.
+
+
+@dataclass
+class Config:
+    # run
+    stage: str = "all"            # all | pretrain | grpo | eval
+    out_dir: str = "out"          # checkpoints, metrics, plots, summary
+    init_from: str = ""           # checkpoint for --stage grpo/eval (default: out_dir/base.pt or final.pt)
+    seed: int = 1337
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"           # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False         # torch.compile the training forward (CUDA)
+    threads: int = 0              # torch CPU threads (0 = torch's default)
+    # data
+    think_frac: float = 0.25      # share of pretraining documents written as worked solutions
+    n_test: int = 200             # held-out problems per level
+    # pretraining
+    pretrain_steps: int = 1500
+    batch_size: int = 32          # rows per step (global, across ranks and accumulation)
+    block_size: int = 128         # tokens per row, packed with whole documents
+    grad_accum: int = 1           # micro-steps per step (divided among ranks)
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1      # cosine decays to lr * min_lr_frac
+    warmup_steps: int = 100
+    weight_decay: float = 0.1     # on matrices only
+    grad_clip: float = 1.0
+    log_every: int = 100
+    eval_every: int = 500         # quick held-out eval during pretraining (0 = never)
+    # GRPO
+    grpo_steps: int = 200
+    prompts_per_step: int = 16    # global, across ranks
+    group_size: int = 8           # G completions per prompt
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0                # 0 = sample from the full distribution
+    grpo_lr: float = 1e-4
+    mu: int = 1                   # policy updates per rollout batch
+    clip_low: float = 0.2         # ratio clipped to [1-clip_low, 1+clip_high]
+    clip_high: float = 0.2        # DAPO's clip-higher uses e.g. 0.28
+    beta: float = 0.02            # weight of the k3 KL to the reference (base) model
+    agg: str = "seq"              # seq (GRPO) | token (DAPO) | constant (Dr. GRPO)
+    scale_by_std: bool = True     # divide advantages by the group std (False = Dr. GRPO)
+    drop_zero_std: bool = False   # DAPO dynamic sampling: drop groups whose rewards are all equal
+    acc_weight: float = 1.0       # reward = acc_weight * accuracy + format_weight * format
+    format_weight: float = 0.2
+    grpo_eval_every: int = 50     # held-out eval during GRPO (0 = only at the end)
+    grpo_eval_n: int = 50         # problems per level for those evals
+    eval_batch: int = 256         # sequences per generation batch in evaluation
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def _str2bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _field_help(cls):
+    """The comment after each field in the dataclass source, used as its --help line."""
+    import inspect
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):.*?=.*?#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description="nanor1: DeepSeek-R1-Zero in miniature",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for cls, group in ((Config, "run / data / training"), (ModelConfig, "model (moe.ModelConfig)")):
+        g, helps = p.add_argument_group(group), _field_help(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in ("model", "vocab_size"):
+                continue
+            default = f.default
+            typ = _str2bool if isinstance(default, bool) else type(default)
+            g.add_argument(f"--{f.name}", type=typ, default=default, help=helps.get(f.name, f.name),
+                           metavar=type(default).__name__.upper())
+    a = vars(p.parse_args(argv))
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        cfg = Config(**{k: v for k, v in a.items() if k not in model_keys},
+                     model=ModelConfig(**{k: v for k, v in a.items() if k in model_keys}))
+        validate(cfg)
+    except ValueError as e:
+        p.error(str(e))  # one line on stderr, exit code 2
+    return cfg
+
+
+def validate(cfg: Config):
+    def need(ok, name, rule):
+        if not ok:
+            raise ValueError(f"--{name}={getattr(cfg, name)!r}: {rule}")
+    need(cfg.stage in ("all", "pretrain", "grpo", "eval"), "stage", "must be all, pretrain, grpo or eval")
+    need(cfg.agg in ("seq", "token", "constant"), "agg", "must be seq, token or constant")
+    need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
+    need(0.0 <= cfg.think_frac <= 1.0, "think_frac", "must be in [0, 1]")
+    for name in ("batch_size", "block_size", "grad_accum", "prompts_per_step", "max_new_tokens", "mu",
+                 "n_test", "grpo_eval_n", "eval_batch"):
+        need(getattr(cfg, name) > 0, name, "must be > 0")
+    for name in ("pretrain_steps", "grpo_steps", "warmup_steps", "log_every", "eval_every",
+                 "grpo_eval_every", "top_k", "threads", "beta", "grad_clip", "weight_decay"):
+        need(getattr(cfg, name) >= 0, name, "must be >= 0")
+    need(cfg.group_size >= 2, "group_size", "must be >= 2 (advantages compare completions of a prompt)")
+    need(cfg.lr > 0 and cfg.grpo_lr > 0, "lr", "learning rates must be > 0")
+    need(cfg.temperature > 0, "temperature", "must be > 0")
+    need(0 <= cfg.clip_low < 1 and cfg.clip_high >= 0, "clip_low", "need 0 <= clip_low < 1 and clip_high >= 0")
+    need(0 <= cfg.min_lr_frac <= 1, "min_lr_frac", "must be in [0, 1]")
+    need(cfg.block_size <= cfg.model.max_seq_len, "block_size", f"must be <= --max_seq_len={cfg.model.max_seq_len}")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: tiktoken, built in code. One token per byte (so every digit is one token) plus
+# special tokens for the tags; nothing is downloaded.
+
+SPECIALS = ["<|endoftext|>", "<think>", "</think>", "<answer>", "</answer>"]
+
+
+def build_tokenizer() -> tiktoken.Encoding:
+    ranks = {bytes([i]): i for i in range(256)}
+    return tiktoken.Encoding(name="nanor1", pat_str=r"\d|[^\d]+", mergeable_ranks=ranks,
+                             special_tokens={s: 256 + i for i, s in enumerate(SPECIALS)})
+
+
+enc = build_tokenizer()
+EOT, THINK, END_THINK, ANSWER, END_ANSWER = (enc.encode_single_token(s) for s in SPECIALS)
+
+
+def encode(text: str) -> list:
+    return enc.encode(text, allowed_special="all")
+
+
+def prompt_tokens(p: Problem) -> list:
+    """What the model sees before it answers: end-of-text (the document separator) + "problem="."""
+    return [EOT] + encode(f"{p.text}=")
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup and small utilities
+
+def setup(cfg: Config):
+    """Returns (rank, world, device). Under torchrun, joins the process group (nccl/gloo)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    else:
+        device = cfg.device
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return rank, world, torch.device(device)
+
+
+def print0(*args, **kw):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kw, flush=True)
+
+
+def autocast(cfg: Config, device):
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 60}m{s % 60:02d}s"
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+              "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense bf16
+
+
+def peak_flops(device) -> float:
+    """Peak FLOP/s for MFU: a table for GPUs (None = unknown), a measured fp32 matmul on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(8):
+        a @ b
+    return 8 * 2 * 1024 ** 3 / (time.perf_counter() - t)
+
+
+def save_checkpoint(path, model, cfg, **extra):
+    """Atomic: write to a temp file, then rename. Plain types only, so weights_only=True loads it."""
+    raw = model.module if hasattr(model, "module") else model
+    raw = getattr(raw, "_orig_mod", raw)
+    ckpt = {"model": raw.state_dict(), "model_config": dataclasses.asdict(raw.cfg),
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}, **extra}
+    tmp = f"{path}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    """-> (model, checkpoint dict). A clear error for a missing or unreadable file."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path} not found (run the pretrain stage first, or pass --init_from)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model = Transformer(ModelConfig(**ckpt["model_config"])).to(device)
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # truncated, corrupted, or from another model
+        raise SystemExit(f"error: cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    return model, ckpt
+
+
+def log_metrics(cfg, record: dict):
+    if int(os.environ.get("RANK", 0)) == 0:
+        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Pretraining: next-token prediction on packed rows of arithmetic documents
+
+def pretrain_batches(cfg: Config, rng: random.Random, rows: int):
+    """Endless (x, y) batches: `rows` rows of block_size tokens, each packed with whole documents.
+
+    A document is end-of-text + a problem with its direct answer, or (with probability think_frac)
+    its worked solution. Documents are never split across rows; the tail of a row is padding whose
+    targets are -1 (ignored by the loss).
+    """
+    problems, pending = training_problems(rng), None
+    while True:
+        x = torch.full((rows, cfg.block_size + 1), EOT, dtype=torch.long)
+        y_valid = torch.zeros(rows, cfg.block_size + 1, dtype=torch.bool)
+        for r in range(rows):
+            n = 0
+            while True:
+                if pending is None:
+                    p = next(problems)
+                    pending = [EOT] + encode(p.document(think=rng.random() < cfg.think_frac))
+                    if len(pending) > cfg.block_size + 1:
+                        raise SystemExit(f"error: --block_size={cfg.block_size} is shorter than a document "
+                                         f"({len(pending)} tokens)")
+                if n + len(pending) > cfg.block_size + 1:
+                    break
+                x[r, n:n + len(pending)] = torch.tensor(pending)
+                y_valid[r, n:n + len(pending)] = True
+                n, pending = n + len(pending), None
+        y = x[:, 1:].masked_fill(~y_valid[:, 1:], -1)
+        yield x[:, :-1], y
+
+
+def lr_at(step: int, total: int, cfg: Config, base_lr: float) -> float:
+    """Linear warmup, then cosine decay to base_lr * min_lr_frac."""
+    if step < cfg.warmup_steps:
+        return base_lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return base_lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model, lr, weight_decay, device):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+def wrap_ddp(model, device):
+    if not dist.is_initialized():
+        return model
+    # an expert that received no tokens on this rank has no gradient this step: let DDP know
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tests: dict):
+    accum = max(1, cfg.grad_accum // world)
+    rows = cfg.batch_size // (accum * world)          # rows per micro-step on this rank
+    if rows * accum * world != cfg.batch_size:
+        raise SystemExit(f"error: --batch_size={cfg.batch_size} must be divisible by "
+                         f"grad_accum x world size = {accum * world}")
+    rng = random.Random(f"{cfg.seed}-pretrain-{rank}")
+    batches = pretrain_batches(cfg, rng, rows)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    ddp = wrap_ddp(model, device)
+    fwd = torch.compile(ddp) if cfg.compile else ddp
+    flops_tok, peak = model.flops_per_token(cfg.block_size), peak_flops(device)
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    print0(f"pretraining: {model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M active), "
+           f"{cfg.pretrain_steps} steps x {tokens_per_step} tokens, think_frac {cfg.think_frac}")
+    t_start, t_last, losses = time.time(), time.time(), []
+    for step in range(cfg.pretrain_steps):
+        lr = lr_at(step, cfg.pretrain_steps, cfg, cfg.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for micro in range(accum):
+            x, y = (t.to(device) for t in next(batches))
+            sync = micro == accum - 1 or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                with autocast(cfg, device):
+                    logits, aux = fwd(x)
+                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+                ((loss + aux) / accum).backward()
+            losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loads = model.update_router_biases()
+        if (step + 1) % cfg.log_every == 0 or step == cfg.pretrain_steps - 1:
+            dt = (time.time() - t_last) / cfg.log_every
+            t_last = time.time()
+            loss_avg = all_reduce_sum(torch.tensor(sum(losses) / len(losses))).item() / world
+            losses = []
+            tok_s = tokens_per_step / dt
+            mfu = f"{100 * flops_tok * tok_s / world / peak:.0f}%" if peak else "unknown"
+            eta = (time.time() - t_start) / (step + 1) * (cfg.pretrain_steps - step - 1)
+            imbalance = (loads.max(1).values / loads.mean(1).clamp_min(1)).mean().item() if loads.numel() else 0
+            print0(f"pretrain {step + 1:05d}/{cfg.pretrain_steps} | loss {loss_avg:.3f} | lr {lr:.1e} | "
+                   f"{1000 * dt:.0f}ms | {tok_s / 1e3:.1f}k tok/s | mfu {mfu} | "
+                   f"expert max/mean {imbalance:.2f} | eta {fmt_time(eta)}")
+            log_metrics(cfg, {"stage": "pretrain", "step": step + 1, "loss": loss_avg, "lr": lr, "tok_s": tok_s,
+                              "expert_load": loads.tolist()})
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.pretrain_steps:
+            res = evaluate(model, subset(tests, 32), cfg, device)
+            print0("  held-out (greedy, 32/level): " + levels_line(res))
+            res = evaluate(model, subset(tests, 32), cfg, device, force="think")
+            print0("  held-out (greedy, 32/level, forced to think): " + levels_line(res))
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Rewards (R1-Zero): rule-based, computed by parsing. Model output is untrusted text: it is
+# matched against fixed patterns and never evaluated.
+
+_INT = re.compile(r"-?[0-9]{1,4000}")  # ASCII digits only: "٣" or "³" is not a digit here
+_FORMAT = re.compile(r"\s*<think>(.*)</think>\s*<answer>(.*)</answer>\s*", re.DOTALL)
+
+
+def parse_answer(completion: str):
+    """The integer inside the single <answer>...</answer>, or None."""
+    # BEGIN ASSIGNMENT rewards
+    if completion.count("<answer>") != 1 or completion.count("</answer>") != 1:
+        return None
+    start, end = completion.index("<answer>") + len("<answer>"), completion.index("</answer>")
+    content = completion[start:end].strip(" \t\n\r") if start <= end else ""
+    return int(content) if _INT.fullmatch(content) else None
+    # END ASSIGNMENT
+
+
+def accuracy_reward(completion: str, answer: int) -> float:
+    """1.0 iff the single <answer> holds exactly the right integer."""
+    # BEGIN ASSIGNMENT rewards
+    return 1.0 if parse_answer(completion) == answer else 0.0
+    # END ASSIGNMENT
+
+
+def format_reward(completion: str) -> float:
+    """1.0 iff the completion is <think>thoughts</think><answer>answer</answer>: one of each tag,
+    in that order, neither part empty, nothing but whitespace around them."""
+    # BEGIN ASSIGNMENT rewards
+    if any(completion.count(tag) != 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")):
+        return 0.0
+    m = _FORMAT.fullmatch(completion)
+    return 1.0 if m and m.group(1).strip() and m.group(2).strip() else 0.0
+    # END ASSIGNMENT
+
+
+def total_reward(completion: str, answer: int, cfg: Config) -> float:
+    return cfg.acc_weight * accuracy_reward(completion, answer) + cfg.format_weight * format_reward(completion)
+
+
+# -----------------------------------------------------------------------------
+# Rollouts: batched sampling with the absorbed MLA cache
+
+def left_pad(prompts: list, device):
+    """-> tokens (B, P) left-padded with end-of-text, key_mask (B, P) False on the padding."""
+    P = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), P), EOT, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = True
+    return tokens.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, greedy: bool = False, generator=None, autocast_ctx=None):
+    """Sample completions for a batch of token-list prompts.
+
+    Returns (completions (B, L), mask (B, L): 1 up to and including the first end-of-text,
+    truncated (B,) bool: no end-of-text within max_new_tokens). Finished rows are padded with EOT.
+    """
+    device = model.embed.weight.device
+    tokens, key_mask = left_pad(prompts, device)
+    B, P = tokens.shape
+    cache = KVCache(model.cfg, B, P + max_new_tokens, kind="absorb", device=device)
+    out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    with autocast_ctx or contextlib.nullcontext():
+        logits, _ = model(tokens, cache=cache, key_mask=key_mask)                # prefill
+        for t in range(max_new_tokens):
+            last = logits[:, -1].float()
+            if greedy:
+                nxt = last.argmax(-1)
+            else:
+                last = last / temperature
+                if top_k:
+                    kth = last.topk(min(top_k, last.size(-1))).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                nxt = torch.multinomial(last.softmax(-1), 1, generator=generator).squeeze(1)
+            nxt = nxt.masked_fill(done, EOT)
+            out[:, t] = nxt
+            done |= nxt == EOT
+            if done.all():
+                break
+            logits, _ = model(nxt[:, None], start_pos=P + t, cache=cache)       # one token, cached
+    out = out[:, :t + 1]
+    is_eot = (out == EOT).int()
+    mask = (is_eot.cumsum(1) - is_eot) == 0                                     # up to the first EOT
+    return out, mask, ~done
+
+
+def completion_text(tokens: torch.Tensor) -> str:
+    """Decode a completion up to (not including) its first end-of-text."""
+    ids = tokens.tolist()
+    return enc.decode(ids[:ids.index(EOT)] if EOT in ids else ids)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: held-out accuracy per level, how often the model thinks, how long it writes
+
+def subset(tests: dict, n: int) -> dict:
+    return {lvl: ps[:n] for lvl, ps in tests.items()}
+
+
+@torch.no_grad()
+def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed: int = 0, force: str = "") -> dict:
+    """-> {level and "overall": {accuracy, think_rate, mean_length, format}}; sharded over ranks.
+
+    force="think" or "answer" starts every completion with that tag: the accuracy the model would
+    have if it always thought, or always answered directly.
+    """
+    forced = {"": [], "think": [THINK], "answer": [ANSWER]}[force]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    items = [(li, p) for li, lvl in enumerate(tests) for p in tests[lvl]][rank::world]
+    sums = torch.zeros(len(tests), 5, dtype=torch.float64)   # n, correct, think, length, format
+    gen = torch.Generator(device=device).manual_seed(seed + rank)
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(items), cfg.eval_batch):
+        chunk = items[i:i + cfg.eval_batch]
+        comps, mask, _ = generate(model, [prompt_tokens(p) + forced for _, p in chunk], cfg.max_new_tokens,
+                                  temperature=cfg.temperature, greedy=greedy, generator=gen,
+                                  autocast_ctx=autocast(cfg, device))
+        lengths = (mask.sum(1) - 1).clamp_min(0).tolist()  # response tokens, end-of-text not counted
+        for (li, p), comp, n in zip(chunk, comps, lengths):
+            text = enc.decode(forced) + completion_text(comp)
+            sums[li] += torch.tensor([1, accuracy_reward(text, p.answer), text.startswith("<think>"),
+                                      n, format_reward(text)], dtype=torch.float64)
+    model.train(was_training)
+    sums = all_reduce_sum(sums.to(device)).cpu()
+
+    def row(s):
+        n = max(s[0].item(), 1)
+        return {"accuracy": s[1].item() / n, "think_rate": s[2].item() / n,
+                "mean_length": s[3].item() / n, "format": s[4].item() / n}
+    res = {lvl: row(sums[li]) for li, lvl in enumerate(tests)}
+    res["overall"] = row(sums.sum(0))
+    return res
+
+
+def levels_line(res: dict) -> str:
+    return " | ".join(f"{k} {v['accuracy']:.2f}" for k, v in res.items()) + \
+        f" | think {res['overall']['think_rate']:.2f} | len {res['overall']['mean_length']:.1f}"
+
+
+# -----------------------------------------------------------------------------
+# The GRPO math (DeepSeekMath eq. 3, R1-Zero), one small pure function per piece.
+#
+#   A_i      = (r_i - mean(r)) / (std(r) + eps)                    group-relative advantage
+#   ratio_t  = pi_theta(o_t | q, o_<t) / pi_old(o_t | q, o_<t)     per token
+#   D_k3     = exp(ref - logp) - (ref - logp) - 1                  unbiased, always >= 0 KL estimate
+#   L        = -mean[ min(ratio A, clip(ratio, 1-e_low, 1+e_high) A) - beta D_k3 ]
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
+                     scale_by_std: bool = True) -> torch.Tensor:
+    """rewards: (n_prompts * G,), groups contiguous -> advantages of the same shape."""
+    # BEGIN ASSIGNMENT advantages
+    r = rewards.view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)   # unbiased std, as in GRPO
+    return adv.reshape(-1)
+    # END ASSIGNMENT
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of x over the entries where mask is 1 (over all entries, or along dim)."""
+    # BEGIN ASSIGNMENT grpo_loss
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp_min(1e-8)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1e-8)
+    # END ASSIGNMENT
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) from samples of pi_theta."""
+    # BEGIN ASSIGNMENT grpo_loss
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+    # END ASSIGNMENT
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.2,
+              beta: float = 0.04, agg: str = "seq", max_len=None):
+    """Clipped surrogate + k3 KL. logp/old_logp/ref_logp/mask: (B, L); advantages: (B,).
+
+    agg="seq": mean over each completion's tokens, then over completions (GRPO);
+    "token": mean over all tokens of the batch (DAPO); "constant": sum / (B * max_len) (Dr. GRPO).
+    Returns (loss, stats) with stats["clip_frac"] and stats["kl"] (floats).
+    """
+    # BEGIN ASSIGNMENT grpo_loss
+    ratio = torch.exp(logp - old_logp)
+    A = advantages.unsqueeze(1)                                              # (B, 1)
+    unclipped = ratio * A
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * A
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta:
+        per_token = per_token + beta * kl
+    mask = mask.to(per_token.dtype)
+    if agg == "seq":
+        loss = masked_mean(per_token, mask, dim=1).mean()
+    elif agg == "token":
+        loss = masked_mean(per_token, mask)
+    elif agg == "constant":
+        loss = (per_token * mask).sum() / (mask.size(0) * (max_len or mask.size(1)))
+    else:
+        raise ValueError(f"agg must be 'seq', 'token' or 'constant', got {agg!r}")
+    with torch.no_grad():
+        is_clipped = ((ratio < 1 - clip_low) & (A < 0)) | ((ratio > 1 + clip_high) & (A > 0))
+        stats = {"clip_frac": masked_mean(is_clipped.float(), mask).item(),
+                 "kl": masked_mean(kl, mask).item()}
+    return loss, stats
+    # END ASSIGNMENT
+
+
+# -----------------------------------------------------------------------------
+# The GRPO trainer
+
+def sequence_logprobs(model, tokens, key_mask, P: int, autocast_ctx):
+    """log pi(completion token | everything before) for tokens[:, P:]: (B, L); also entropy (B, L)
+    and the model's balance loss."""
+    with autocast_ctx:
+        logits, aux = model(tokens[:, :-1], key_mask=key_mask[:, :-1])
+    logits = logits[:, P - 1:].float()                                       # predictions of tokens[:, P:]
+    logprobs = logits.log_softmax(-1)
+    logp = logprobs.gather(-1, tokens[:, P:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logp, entropy, aux
+
+
+def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, world: int, tests: dict,
+         history: list):
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {world}")
+    n_prompts, G = cfg.prompts_per_step // world, cfg.group_size   # each rank owns whole groups
+    rng = random.Random(f"{cfg.seed}-grpo-{rank}")
+    problems = training_problems(rng)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    opt = make_optimizer(model, cfg.grpo_lr, 0.0, device)
+    ddp = wrap_ddp(model, device)
+    ref.eval().requires_grad_(False)
+    ctx = autocast(cfg, device)
+    print0(f"GRPO: {cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={G}, lr {cfg.grpo_lr}, "
+           f"beta {cfg.beta}, clip [{1 - cfg.clip_low:.2f}, {1 + cfg.clip_high:.2f}], agg {cfg.agg}")
+    t_start = time.time()
+    for step in range(cfg.grpo_steps):
+        # 1) rollouts: G samples per prompt from the current policy (pi_old)
+        t0 = time.time()
+        batch = [next(problems) for _ in range(n_prompts)]
+        prompts = [prompt_tokens(p) for p in batch for _ in range(G)]
+        model.eval()
+        comps, comp_mask, truncated = generate(model, prompts, cfg.max_new_tokens, cfg.temperature,
+                                               cfg.top_k, generator=gen, autocast_ctx=ctx)
+        texts = [completion_text(c) for c in comps]
+        answers = [p.answer for p in batch for _ in range(G)]
+        acc = torch.tensor([accuracy_reward(t, a) for t, a in zip(texts, answers)])
+        fmt = torch.tensor([format_reward(t) for t in texts])
+        rewards = cfg.acc_weight * acc + cfg.format_weight * fmt
+        # 2) advantages; groups whose rewards are all equal carry no signal
+        advantages = group_advantages(rewards, G, scale_by_std=cfg.scale_by_std)
+        zero_std = (rewards.view(-1, G).std(1) == 0)
+        keep = ~zero_std.repeat_interleave(G) if cfg.drop_zero_std else torch.ones(len(texts), dtype=torch.bool)
+        t_gen = time.time() - t0
+        # 3) policy update(s) on the kept completions
+        t0 = time.time()
+        prompt_tok, prompt_mask = left_pad(prompts, device)
+        P = prompt_tok.size(1)
+        tokens = torch.cat([prompt_tok, comps], 1)
+        key_mask = torch.cat([prompt_mask, torch.ones_like(comp_mask)], 1)
+        idx = keep.nonzero().squeeze(1).to(device)
+        stats = {"clip_frac": 0.0, "kl": 0.0, "loss": 0.0}
+        entropy = 0.0
+        if len(idx):
+            tokens, key_mask, mask, adv = tokens[idx], key_mask[idx], comp_mask[idx], advantages.to(device)[idx]
+            with torch.no_grad():
+                ref_logp = sequence_logprobs(ref, tokens, key_mask, P, ctx)[0] if cfg.beta else None
+                old_logp = sequence_logprobs(model, tokens, key_mask, P, ctx)[0] if cfg.mu > 1 else None
+            model.train()
+            for g in opt.param_groups:
+                g["lr"] = cfg.grpo_lr
+            for _ in range(cfg.mu):
+                logp, ent, aux = sequence_logprobs(ddp, tokens, key_mask, P, ctx)
+                loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, adv, mask,
+                                        cfg.clip_low, cfg.clip_high, cfg.beta, cfg.agg, cfg.max_new_tokens)
+                (loss + aux).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loads = model.update_router_biases()
+                stats["loss"] = loss.item()
+            entropy = masked_mean(ent.detach(), mask).item()
+        t_upd = time.time() - t0
+        # 4) log (means over all ranks)
+        lengths = (comp_mask.sum(1) - 1).float()
+        think = torch.tensor([t.startswith("<think>") for t in texts], dtype=torch.float)
+        m = torch.tensor([rewards.mean(), acc.mean(), fmt.mean(), lengths.mean().item(), think.mean(),
+                          stats["kl"], stats["clip_frac"], entropy, zero_std.float().mean(),
+                          truncated.float().mean().item(), stats["loss"]], dtype=torch.float64)
+        m = (all_reduce_sum(m.to(device)) / world).cpu().tolist()
+        rec = dict(zip(["reward", "acc", "fmt", "length", "think", "kl", "clip_frac", "entropy", "zero_std",
+                        "truncated", "loss"], m))
+        eta = (time.time() - t_start) / (step + 1) * (cfg.grpo_steps - step - 1)
+        print0(f"grpo {step + 1:03d}/{cfg.grpo_steps} | reward {rec['reward']:.2f} (acc {rec['acc']:.2f} "
+               f"fmt {rec['fmt']:.2f}) | len {rec['length']:5.1f} | think {rec['think']:.2f} | kl {rec['kl']:.3f} | "
+               f"clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | zero-std {rec['zero_std']:.2f} | "
+               f"trunc {rec['truncated']:.2f} | gen {t_gen:.1f}s train {t_upd:.1f}s | eta {fmt_time(eta)}")
+        rec.update(stage="grpo", step=step + 1, t_gen=t_gen, t_update=t_upd)
+        if (cfg.grpo_eval_every and (step + 1) % cfg.grpo_eval_every == 0) or step + 1 == cfg.grpo_steps:
+            res = evaluate(model, subset(tests, cfg.grpo_eval_n), cfg, device)
+            print0(f"  held-out (greedy, {cfg.grpo_eval_n}/level): " + levels_line(res))
+            rec["heldout"] = res
+        log_metrics(cfg, rec)
+        history.append(rec)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Plots and summary
+
+def make_plots(cfg: Config, base: dict, final: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    recs = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    pre = [r for r in recs if r["stage"] == "pretrain"]
+    rl = [r for r in recs if r["stage"] == "grpo"]
+    ev = [r for r in rl if "heldout" in r]
+    fig, ax = plt.subplots(2, 3, figsize=(16, 8.5))
+    ax = ax.flatten()
+    if pre:
+        ax[0].plot([r["step"] for r in pre], [r["loss"] for r in pre])
+        ax[0].set(title="pretraining loss", xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log")
+    if rl:
+        steps = [r["step"] for r in rl]
+        smooth = lambda xs, k=10: [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
+        ax[1].plot(steps, smooth([r["reward"] for r in rl]), label="train reward")
+        ax[1].plot(steps, smooth([r["acc"] for r in rl]), label="train accuracy")
+        if ev:
+            ax[1].plot([r["step"] for r in ev], [r["heldout"]["overall"]["accuracy"] for r in ev], "o-",
+                       label="held-out accuracy (greedy)")
+        ax[1].set(title="GRPO: reward and accuracy", xlabel="GRPO step", ylim=(0, 1.25))
+        ax[1].legend()
+        ax[2].plot(steps, smooth([r["length"] for r in rl]), color="C3", label="mean response length")
+        ax[2].set(title="R1-Zero signature: responses grow", xlabel="GRPO step", ylabel="tokens")
+        tw = ax[2].twinx()
+        tw.plot(steps, smooth([r["think"] for r in rl]), color="C2", label="think rate")
+        tw.set(ylabel="share of samples that think", ylim=(0, 1.05))
+        ax[2].legend(loc="upper left")
+        tw.legend(loc="lower right")
+    lv = [k for k in base if k != "overall"] + ["overall"]
+    xs = range(len(lv))
+    ax[3].bar([x - 0.2 for x in xs], [base[k]["accuracy"] for k in lv], 0.4, label="base (before GRPO)")
+    if final:
+        ax[3].bar([x + 0.2 for x in xs], [final[k]["accuracy"] for k in lv], 0.4, label="after GRPO")
+    ax[3].set(title="held-out greedy accuracy per level", xticks=list(xs), xticklabels=lv, ylim=(0, 1.05))
+    ax[3].legend()
+    for i, (name, rs) in enumerate((("pretraining", pre), ("GRPO", rl))):
+        rs = [r for r in rs if r.get("expert_load")]
+        if rs:
+            loads = torch.tensor([r["expert_load"] for r in rs])             # (steps, layers, E)
+            share = loads / loads.sum(-1, keepdim=True).clamp_min(1)
+            for layer in range(share.size(1)):
+                ax[4 + i].plot([r["step"] for r in rs], (share[:, layer].max(-1).values * share.size(-1)).tolist(),
+                               label=f"MoE layer {layer}")
+            ax[4 + i].axhline(1.0, color="gray", ls="--")
+            ax[4 + i].set(title=f"expert load balance ({name})", xlabel="step", ylabel="max load / mean load")
+            ax[4 + i].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "nanor1.png"), dpi=110)
+    plt.close(fig)
+
+
+def summary_table(base: dict, final: dict) -> str:
+    lines = [f"{'level':<8} {'acc base':>9} {'acc final':>9} {'think base':>10} {'think final':>11} "
+             f"{'len base':>8} {'len final':>9}"]
+    for k in base:
+        b, f = base[k], final.get(k, {}) if final else {}
+        g = lambda d, key, spec: format(d[key], spec) if key in d else "-"
+        lines.append(f"{k:<8} {g(b, 'accuracy', '9.2f')} {g(f, 'accuracy', '9.2f')} {g(b, 'think_rate', '10.2f')} "
+                     f"{g(f, 'think_rate', '11.2f')} {g(b, 'mean_length', '8.1f')} {g(f, 'mean_length', '9.1f')}")
+    return "\n".join(lines)
+
+
+def levels_summary(res: dict) -> dict:
+    return {k: {"accuracy": v["accuracy"], "think_rate": v["think_rate"], "mean_length": v["mean_length"]}
+            for k, v in res.items()}
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = setup(cfg)
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, f".write-test-{rank}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        print(f"error: --out_dir={cfg.out_dir!r} is not writable: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tests = test_set(cfg.n_test)
+    ctx = autocast(cfg, device)
+    wall, t0 = {}, time.time()
+    if rank == 0 and cfg.stage in ("all", "pretrain") and os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):
+        os.remove(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    print0(f"nanor1 | device {device} | world {world} | seed {cfg.seed} | out {cfg.out_dir}/")
+
+    if cfg.stage in ("all", "pretrain"):
+        model = Transformer(dataclasses.replace(cfg.model, vocab_size=enc.n_vocab)).to(device)
+        pretrain(cfg, model, device, rank, world, tests)
+        wall["pretrain"] = time.time() - t0
+        if rank == 0:
+            save_checkpoint(os.path.join(cfg.out_dir, "base.pt"), model, cfg, stage="pretrain", step=cfg.pretrain_steps)
+    else:
+        path = cfg.init_from or os.path.join(cfg.out_dir, "base.pt" if cfg.stage == "grpo" else "final.pt")
+        model, _ = load_checkpoint(path, device)
+        print0(f"loaded {path}")
+
+    base = evaluate(model, tests, cfg, device)
+    print0(f"held-out (greedy, {cfg.n_test}/level) before GRPO: " + levels_line(base))
+    sampled = evaluate(model, subset(tests, 100), cfg, device, greedy=False, seed=cfg.seed)
+    print0(f"held-out (sampled T={cfg.temperature}, 100/level):  " + levels_line(sampled))
+    forced = {f: evaluate(model, subset(tests, 100), cfg, device, force=f) for f in ("think", "answer")}
+    print0("held-out (greedy, 100/level) forced to think:    " + levels_line(forced["think"]))
+    print0("held-out (greedy, 100/level) forced to answer:   " + levels_line(forced["answer"]))
+    final = None
+    if cfg.stage in ("all", "grpo"):
+        t1 = time.time()
+        ref, _ = (Transformer(model.cfg).to(device), None)
+        ref.load_state_dict(model.state_dict())
+        history = []
+        grpo(cfg, model, ref, device, rank, world, tests, history)
+        wall["grpo"] = time.time() - t1
+        if rank == 0:
+            save_checkpoint(os.path.join(cfg.out_dir, "final.pt"), model, cfg, stage="grpo", step=cfg.grpo_steps)
+        final = evaluate(model, tests, cfg, device)
+        print0(f"held-out (greedy, {cfg.n_test}/level) after GRPO:  " + levels_line(final))
+    wall["total"] = time.time() - t0
+    if rank == 0:
+        summary = {"seed": cfg.seed, "wall_seconds": wall, "base": levels_summary(base),
+                   "base_sampled": levels_summary(sampled), "base_forced_think": levels_summary(forced["think"]),
+                   "base_forced_answer": levels_summary(forced["answer"])}
+        if final:
+            summary["final"] = levels_summary(final)
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        make_plots(cfg, base, final)
+        print0("\n" + summary_table(base, final or {}))
+        print0(f"\nwall time: " + ", ".join(f"{k} {fmt_time(v)}" for k, v in wall.items()) +
+               f" | wrote {cfg.out_dir}/summary.json, {cfg.out_dir}/nanor1.png")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
