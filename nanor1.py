@@ -621,7 +621,9 @@ def sequence_logprobs(model, tokens, key_mask, P: int, autocast_ctx):
 
 
 def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, world: int, tests: dict,
-         history: list):
+         history: list, reward_fn=None):
+    """Train model with GRPO against the frozen ref. reward_fn(text, problem) -> float replaces the
+    R1-Zero reward (acc_weight * accuracy + format_weight * format) when given, e.g. in tests."""
     if cfg.prompts_per_step % world:
         raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {world}")
     n_prompts, G = cfg.prompts_per_step // world, cfg.group_size   # each rank owns whole groups
@@ -648,6 +650,8 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
         acc = torch.tensor([accuracy_reward(t, a) for t, a in zip(texts, answers)])
         fmt = torch.tensor([format_reward(t) for t in texts])
         rewards = cfg.acc_weight * acc + cfg.format_weight * fmt
+        if reward_fn is not None:
+            rewards = torch.tensor([float(reward_fn(t, p)) for t, p in zip(texts, (p for p in batch for _ in range(G)))])
         # 2) advantages; groups whose rewards are all equal carry no signal
         advantages = group_advantages(rewards, G, scale_by_std=cfg.scale_by_std)
         zero_std = (rewards.view(-1, G).std(1) == 0)
