@@ -385,31 +385,41 @@ class Transformer(nn.Module):
                 m.load.zero_()
 
     def forward(self, tokens, start_pos: int = 0, cache: Optional[KVCache] = None,
-                key_mask: Optional[torch.Tensor] = None, attn_impl: Optional[str] = None):
+                key_mask: Optional[torch.Tensor] = None, doc_ids: Optional[torch.Tensor] = None,
+                attn_impl: Optional[str] = None):
         """tokens: (B, T) -> (logits (B, T, vocab), balance loss summed over MoE layers).
 
         start_pos: position of tokens[:, 0] (decoding with a cache). key_mask: (B, T) bool, False
         for left padding; with a cache it is stored there, so later steps keep ignoring the pads.
+        doc_ids: (B, T) ints for rows packed with several documents: a token attends only to its own
+        document, so each document is seen exactly as a prompt alone would be (RoPE is relative).
         attn_impl defaults to "absorb" with a cache of that kind and to "naive" otherwise.
         """
         B, T = tokens.shape
         end_pos = start_pos + T
         if end_pos > self.cfg.max_seq_len:
             raise ValueError(f"sequence end {end_pos} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
+        if start_pos > 0 and cache is None:
+            raise ValueError("start_pos > 0 needs the KV cache of the earlier positions")
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids is for packed training rows, not for cached decoding")
         if attn_impl is None:
             attn_impl = cache.kind if cache is not None else "naive"
         if cache is not None and key_mask is not None:
             cache.key_mask[:B, start_pos:end_pos] = key_mask
         mask = None
-        if cache is not None or key_mask is not None or start_pos > 0:
-            # query i (absolute start_pos+i) sees key j iff j <= start_pos+i and j is not padding;
-            # a query always sees itself, so padding rows never softmax over nothing (NaN)
-            keys = cache.key_mask[:B, :end_pos] if cache is not None else key_mask
+        if cache is not None or key_mask is not None or doc_ids is not None:
+            # query i (absolute start_pos+i) sees key j iff j <= start_pos+i, j is not padding and
+            # j is in the same document; a query always sees itself, so no row softmaxes over nothing
             pos_q = torch.arange(start_pos, end_pos, device=tokens.device)
             pos_k = torch.arange(end_pos, device=tokens.device)
-            causal = pos_k[None, :] <= pos_q[:, None]                            # (T, end_pos)
-            mask = (causal[None] & keys[:, None, :]) | (pos_k[None, None, :] == pos_q[None, :, None])
-            mask = mask.unsqueeze(1)                                            # (B, 1, T, end_pos)
+            mask = (pos_k[None, :] <= pos_q[:, None]).expand(B, T, end_pos)     # causal (B, T, end_pos)
+            keys = cache.key_mask[:B, :end_pos] if cache is not None else key_mask
+            if keys is not None:
+                mask = mask & keys[:, None, :]
+            if doc_ids is not None:
+                mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+            mask = (mask | (pos_k[None, None, :] == pos_q[None, :, None])).unsqueeze(1)  # (B, 1, T, end_pos)
         freqs_cis = self.freqs_cis[start_pos:end_pos]
         x = self.embed(tokens)
         aux_total = x.new_zeros((), dtype=torch.float32)
@@ -453,15 +463,15 @@ class Transformer(nn.Module):
 
     def num_params(self, active: bool = False, embedding: bool = True) -> int:
         """Total parameters, or those one token uses (shared + k of the E routed experts)."""
-        n = 0
+        n = routed = 0
         for name, p in self.named_parameters():
             if not embedding and name.startswith("embed."):
                 continue
             if active and ".experts." in name:
-                n += p.numel() * self.cfg.n_activated_experts / self.cfg.n_routed_experts
+                routed += p.numel()
             else:
                 n += p.numel()
-        return int(n)
+        return n + routed * self.cfg.n_activated_experts // self.cfg.n_routed_experts
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6 * active non-embedding params, plus

@@ -149,9 +149,9 @@ def validate(cfg: Config):
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
     need(0.0 <= cfg.think_frac <= 1.0, "think_frac", "must be in [0, 1]")
     for name in ("batch_size", "block_size", "grad_accum", "prompts_per_step", "max_new_tokens", "mu",
-                 "n_test", "grpo_eval_n", "eval_batch"):
+                 "n_test", "grpo_eval_n", "eval_batch", "log_every"):
         need(getattr(cfg, name) > 0, name, "must be > 0")
-    for name in ("pretrain_steps", "grpo_steps", "warmup_steps", "log_every", "eval_every",
+    for name in ("pretrain_steps", "grpo_steps", "warmup_steps", "eval_every",
                  "grpo_eval_every", "top_k", "threads", "beta", "grad_clip", "weight_decay"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0")
     need(cfg.group_size >= 2, "group_size", "must be >= 2 (advantages compare completions of a prompt)")
@@ -266,7 +266,10 @@ def load_checkpoint(path, device):
         model = Transformer(ModelConfig(**ckpt["model_config"])).to(device)
         model.load_state_dict(ckpt["model"])
     except Exception as e:  # truncated, corrupted, or from another model
-        raise SystemExit(f"error: cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        kind = "weights do not match its config" if isinstance(e, (RuntimeError, KeyError, TypeError)) and \
+            "state_dict" in str(e) else "file is truncated, corrupted or not a nanor1 checkpoint"
+        raise SystemExit(f"error: cannot load checkpoint {path}: {kind} ({type(e).__name__}{': ' + why if why else ''})")
     return model, ckpt
 
 
@@ -282,30 +285,32 @@ def log_metrics(cfg, record: dict):
 def pretrain_batches(cfg: Config, rng: random.Random, rows: int):
     """Endless (x, y) batches: `rows` rows of block_size tokens, each packed with whole documents.
 
-    A document is end-of-text + a problem with its direct answer, or (with probability think_frac)
-    its worked solution. Documents are never split across rows; the tail of a row is padding whose
-    targets are -1 (ignored by the loss).
+    A row is end-of-text, then documents each followed by end-of-text (so the model learns to stop,
+    and every document starts after an end-of-text as prompts do). A document is a problem with its
+    direct answer, or (with probability think_frac) its worked solution. Documents are never split:
+    each row takes, first fit, documents from a small queue, so every generated document is used and
+    the row's padded tail is short. Targets are the next tokens, -1 on padding (ignored by the loss).
     """
-    problems, pending = training_problems(rng), None
+    problems, queue, T = training_problems(rng), [], cfg.block_size + 1
     while True:
-        x = torch.full((rows, cfg.block_size + 1), EOT, dtype=torch.long)
-        y_valid = torch.zeros(rows, cfg.block_size + 1, dtype=torch.bool)
-        for r in range(rows):
-            n = 0
+        xs, ys = [], []
+        for _ in range(rows):
+            row = [EOT]
             while True:
-                if pending is None:
+                while len(queue) < 16:
                     p = next(problems)
-                    pending = [EOT] + encode(p.document(think=rng.random() < cfg.think_frac))
-                    if len(pending) > cfg.block_size + 1:
+                    doc = encode(p.document(think=rng.random() < cfg.think_frac)) + [EOT]
+                    if len(doc) + 1 > T:
                         raise SystemExit(f"error: --block_size={cfg.block_size} is shorter than a document "
-                                         f"({len(pending)} tokens)")
-                if n + len(pending) > cfg.block_size + 1:
+                                         f"({len(doc) + 1} tokens)")
+                    queue.append(doc)
+                fit = next((i for i, d in enumerate(queue) if len(row) + len(d) <= T), None)
+                if fit is None:
                     break
-                x[r, n:n + len(pending)] = torch.tensor(pending)
-                y_valid[r, n:n + len(pending)] = True
-                n, pending = n + len(pending), None
-        y = x[:, 1:].masked_fill(~y_valid[:, 1:], -1)
-        yield x[:, :-1], y
+                row += queue.pop(fit)
+            xs.append(row[:-1] + [EOT] * (T - len(row)))
+            ys.append(row[1:] + [-1] * (T - len(row)))
+        yield torch.tensor(xs), torch.tensor(ys)
 
 
 def lr_at(step: int, total: int, cfg: Config, base_lr: float) -> float:
@@ -346,7 +351,7 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
     tokens_per_step = cfg.batch_size * cfg.block_size
     print0(f"pretraining: {model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M active), "
            f"{cfg.pretrain_steps} steps x {tokens_per_step} tokens, think_frac {cfg.think_frac}")
-    t_start, t_last, losses = time.time(), time.time(), []
+    t_start, t_last, step_last, losses = time.time(), time.time(), 0, []
     for step in range(cfg.pretrain_steps):
         lr = lr_at(step, cfg.pretrain_steps, cfg, cfg.lr)
         for g in opt.param_groups:
@@ -356,7 +361,7 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
             sync = micro == accum - 1 or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
             with (contextlib.nullcontext() if sync else ddp.no_sync()):
                 with autocast(cfg, device):
-                    logits, aux = fwd(x)
+                    logits, aux = fwd(x, doc_ids=(x == EOT).cumsum(1))   # each document attends to itself only
                     loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
                 ((loss + aux) / accum).backward()
             losses.append(loss.item())
@@ -365,8 +370,8 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
         opt.zero_grad(set_to_none=True)
         loads = model.update_router_biases()
         if (step + 1) % cfg.log_every == 0 or step == cfg.pretrain_steps - 1:
-            dt = (time.time() - t_last) / cfg.log_every
-            t_last = time.time()
+            dt = (time.time() - t_last) / (step + 1 - step_last)   # seconds per step since the last line
+            t_last, step_last = time.time(), step + 1
             loss_avg = all_reduce_sum(torch.tensor(sum(losses) / len(losses))).item() / world
             losses = []
             tok_s = tokens_per_step / dt
@@ -479,6 +484,11 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature
     return out, mask, ~done
 
 
+def response_lengths(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """Tokens of each response, its end-of-text not counted (a truncated one has none)."""
+    return mask.sum(1) - (~truncated).long()
+
+
 def completion_text(tokens: torch.Tensor) -> str:
     """Decode a completion up to (not including) its first end-of-text."""
     ids = tokens.tolist()
@@ -508,10 +518,10 @@ def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed:
     model.eval()
     for i in range(0, len(items), cfg.eval_batch):
         chunk = items[i:i + cfg.eval_batch]
-        comps, mask, _ = generate(model, [prompt_tokens(p) + forced for _, p in chunk], cfg.max_new_tokens,
+        comps, mask, truncated = generate(model, [prompt_tokens(p) + forced for _, p in chunk], cfg.max_new_tokens,
                                   temperature=cfg.temperature, greedy=greedy, generator=gen,
                                   autocast_ctx=autocast(cfg, device))
-        lengths = (mask.sum(1) - 1).clamp_min(0).tolist()  # response tokens, end-of-text not counted
+        lengths = response_lengths(mask, truncated).tolist()
         for (li, p), comp, n in zip(chunk, comps, lengths):
             text = enc.decode(forced) + completion_text(comp)
             sums[li] += torch.tensor([1, accuracy_reward(text, p.answer), text.startswith("<think>"),
@@ -687,7 +697,7 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
             entropy = masked_mean(ent.detach(), mask).item()
         t_upd = time.time() - t0
         # 4) log (means over all ranks)
-        lengths = (comp_mask.sum(1) - 1).float()
+        lengths = response_lengths(comp_mask, truncated).float()
         think = torch.tensor([t.startswith("<think>") for t in texts], dtype=torch.float)
         m = torch.tensor([rewards.mean(), acc.mean(), fmt.mean(), lengths.mean().item(), think.mean(),
                           stats["kl"], stats["clip_frac"], entropy, zero_std.float().mean(),

@@ -152,5 +152,8 @@ def test_set(n_per_level: int, seed: int = 0, levels=LEVELS) -> dict:
                 probs.append(p)
                 if len(probs) == n_per_level:
                     break
+        if len(probs) < n_per_level:
+            raise ValueError(f"test_set: level {level} has only {len(probs)} distinct held-out problems, "
+                             f"{n_per_level} were asked for")
         out[level] = probs
     return out

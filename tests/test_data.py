@@ -280,10 +280,6 @@ def test_test_set_is_deterministic():
     assert make_test_set(20, seed=0) != make_test_set(20, seed=1)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: test_set silently returns fewer problems than asked when a level has too few distinct "
-    "held-out problems: add2 has ~12k distinct texts, so ~636 held out, and test_set(700) gives 636 "
-    "add2 problems with no error (the loop just ends after 200 * n + 10000 draws)"))
 def test_test_set_gives_what_it_is_asked_for_or_refuses():
     try:
         tests = make_test_set(700, levels=("add2",))

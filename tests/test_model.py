@@ -229,10 +229,6 @@ def test_param_counts_total_and_active_equal_hand_count(kw):
 
 
 @pytest.mark.rmsnorm_rope
-@pytest.mark.xfail(reason="BUG: moe.py Transformer.num_params accumulates p.numel()*k/E as floats "
-                          "(line 461) and truncates with int(n) (line 464); when k/E is not a binary "
-                          "fraction the sum lands just below the integer and active counts come out 1 "
-                          "too small (E=6, k=4, dim=32: 32655 instead of 32656)", strict=True)
 def test_active_param_count_exact_when_k_over_E_not_a_binary_fraction():
     cfg = tiny_cfg(n_routed_experts=6, n_activated_experts=4)
     assert Transformer(cfg).num_params(active=True) == hand_param_count(cfg, active=True)

@@ -147,10 +147,7 @@ def write_truncated_checkpoint(tmp_path):
 @pytest.mark.parametrize("content", [
     "truncated",
     "garbage",
-    pytest.param("empty", marks=pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-        "BUG: load_checkpoint formats the error with str(e).splitlines()[0]; torch.load of a 0-byte file "
-        "raises EOFError with an empty message, so splitlines() is [] and an IndexError traceback escapes "
-        "instead of the clear SystemExit"))),
+    "empty",
 ])
 def test_load_checkpoint_broken_file_is_a_clear_exit(tmp_path, content):
     if content == "truncated":
@@ -181,10 +178,6 @@ def test_broken_checkpoint_in_a_real_process_prints_no_traceback(tmp_path):
 @pytest.mark.rmsnorm_rope
 @pytest.mark.gate
 @pytest.mark.balance
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason=(
-    "BUG: validate() accepts --log_every 0 (it is in the '>= 0' list), but pretrain() computes "
-    "(step + 1) % cfg.log_every and divides by cfg.log_every, so it dies with ZeroDivisionError "
-    "after the first step; either validate should require > 0 or 0 should mean 'only the last step'"))
 def test_log_every_zero_is_rejected_or_works(tmp_path):
     cfg = tiny_config(tmp_path, pretrain_steps=2, log_every=0)
     try:
@@ -198,10 +191,6 @@ def test_log_every_zero_is_rejected_or_works(tmp_path):
 @pytest.mark.rmsnorm_rope
 @pytest.mark.gate
 @pytest.mark.balance
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: pretrain() logs dt = elapsed / cfg.log_every even for the last, shorter interval (when "
-    "pretrain_steps is not a multiple of log_every), so the final record's tok_s (and mfu) is inflated "
-    "by log_every / steps_in_interval: here 384 tok/s instead of 256 (3 / 2)"))
 def test_logged_throughput_is_right_for_the_last_partial_interval(tmp_path, monkeypatch):
     """With a fake clock that advances exactly 1 s per training step, every record must say
     batch_size * block_size tokens per second."""

@@ -199,10 +199,6 @@ def test_evaluate_counts_response_length_without_end_of_text():
 
 
 @pytest.mark.rewards
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: evaluate() computes lengths as mask.sum(1) - 1, assuming every completion ends with an "
-    "end-of-text; a truncated completion (no end-of-text, all max_new_tokens tokens real) is counted "
-    "one token short, so mean_length is 4.0 instead of 5.0 here"))
 def test_evaluate_counts_every_token_of_a_truncated_completion():
     model = EOTBias(tiny_model(), -1e4).eval()      # never ends: every completion is truncated
     cfg = nanor1.Config(max_new_tokens=5, eval_batch=64, device="cpu")
