@@ -306,17 +306,14 @@ class MoE(nn.Module):
         counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
         if self.training:
             self.gate.load += counts.float()
-        # dispatch: sort the (token, slot) pairs by expert, run each expert once on its slice
+        # dispatch: sort the (token, slot) pairs by expert, gather their inputs once, run each expert
+        # once on its contiguous slice, and scatter-add all the weighted outputs back at once
         order = indices.flatten().argsort(stable=True)
         token_of = order // indices.size(1)
-        w_sorted = weights.flatten()[order].unsqueeze(1)
-        y = torch.zeros_like(flat)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                ids = token_of[start:start + n]
-                y.index_add_(0, ids, self.experts[e](flat[ids]) * w_sorted[start:start + n].to(flat.dtype))
-                start += n
+        x_sorted = flat.index_select(0, token_of)                               # (N*k, dim)
+        outs = [self.experts[e](x_e) for e, x_e in enumerate(x_sorted.split(counts.tolist())) if len(x_e)]
+        w_sorted = weights.flatten()[order].unsqueeze(1).to(flat.dtype)         # (N*k, 1)
+        y = torch.zeros_like(flat).index_add_(0, token_of, torch.cat(outs) * w_sorted)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         aux = self.balance_loss(scores, indices, B) if self.training and self.cfg.seq_aux_alpha > 0 \
