@@ -6,6 +6,7 @@ learns, by itself, to think step by step before it answers.
     python nanor1.py                              # everything, on a laptop CPU (~15 min)
     python nanor1.py --stage grpo                 # one stage alone, from out/base.pt
     python nanor1.py --stage eval --init_from out/final.pt
+    python nanor1.py ... --resume                 # continue a killed or stopped run (same flags)
     torchrun --standalone --nproc_per_node=8 nanor1.py --dim 256 ...   # many GPUs (see train.sh)
     python nanor1.py --help                       # every setting, with its default
 
@@ -28,11 +29,14 @@ Where nanor1 departs from DeepSeek-R1-Zero, and why:
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
 import re
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,8 +64,9 @@ class Config:
     dtype: str = "auto"           # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False         # torch.compile the training forward (CUDA)
     threads: int = 0              # torch CPU threads (0 = torch's default)
+    resume: bool = False          # continue the run saved in out_dir/ckpt.pt (same flags; killed or stopped)
     # data
-    think_frac: float = 0.25      # share of pretraining documents written as worked solutions
+    think_frac: float = 0.4       # share of pretraining documents written as worked solutions (< 0.5: the base rarely thinks greedily)
     n_test: int = 200             # held-out problems per level
     # pretraining
     pretrain_steps: int = 1500
@@ -75,8 +80,9 @@ class Config:
     grad_clip: float = 1.0
     log_every: int = 100
     eval_every: int = 500         # quick held-out eval during pretraining (0 = never)
+    ckpt_every: int = 250         # write out_dir/ckpt.pt every N pretraining steps (and at the end)
     # GRPO
-    grpo_steps: int = 200
+    grpo_steps: int = 100
     prompts_per_step: int = 16    # global, across ranks
     group_size: int = 8           # G completions per prompt
     max_new_tokens: int = 128
@@ -92,7 +98,8 @@ class Config:
     drop_zero_std: bool = False   # DAPO dynamic sampling: drop groups whose rewards are all equal
     acc_weight: float = 1.0       # reward = acc_weight * accuracy + format_weight * format
     format_weight: float = 0.2
-    grpo_eval_every: int = 50     # held-out eval during GRPO (0 = only at the end)
+    grpo_eval_every: int = 25     # held-out eval during GRPO (0 = only at the end)
+    grpo_ckpt_every: int = 50     # write out_dir/ckpt.pt every N GRPO steps (and at the end)
     grpo_eval_n: int = 50         # problems per level for those evals
     eval_batch: int = 256         # sequences per generation batch in evaluation
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -117,18 +124,26 @@ def _field_help(cls):
     return helps
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line and exit code 2, without the usage block (which lists every flag)."""
+        self.exit(2, f"error: {message}; see --help\n")
+
+
 def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description="nanor1: DeepSeek-R1-Zero in miniature",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Flags -> Config. A bad flag or value ends here with one line on stderr and exit code 2."""
+    p = _Parser(description="nanor1: DeepSeek-R1-Zero in miniature", allow_abbrev=False,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for cls, group in ((Config, "run / data / training"), (ModelConfig, "model (moe.ModelConfig)")):
         g, helps = p.add_argument_group(group), _field_help(cls)
         for f in dataclasses.fields(cls):
             if f.name in ("model", "vocab_size"):
                 continue
             default = f.default
-            typ = _str2bool if isinstance(default, bool) else type(default)
-            g.add_argument(f"--{f.name}", type=typ, default=default, help=helps.get(f.name, f.name),
-                           metavar=type(default).__name__.upper())
+            is_bool = isinstance(default, bool)
+            flag = dict(type=_str2bool, nargs="?", const=True) if is_bool else dict(type=type(default))
+            g.add_argument(f"--{f.name}", **flag, default=default, help=helps.get(f.name, f.name),
+                           metavar=type(default).__name__.upper())   # a bare --resume means --resume true
     a = vars(p.parse_args(argv))
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
@@ -136,8 +151,11 @@ def parse_args(argv=None) -> Config:
                      model=ModelConfig(**{k: v for k, v in a.items() if k in model_keys}))
         validate(cfg)
     except ValueError as e:
-        p.error(str(e))  # one line on stderr, exit code 2
+        p.error(str(e).replace("ModelConfig.", "--"))   # ModelConfig's fields are flags too
     return cfg
+
+
+MAX_PROMPT_TOKENS = 32   # room a rollout leaves for its prompt; the longest, "(99+99)*9-99=", is 14 tokens
 
 
 def validate(cfg: Config):
@@ -152,14 +170,37 @@ def validate(cfg: Config):
                  "n_test", "grpo_eval_n", "eval_batch", "log_every"):
         need(getattr(cfg, name) > 0, name, "must be > 0")
     for name in ("pretrain_steps", "grpo_steps", "warmup_steps", "eval_every",
-                 "grpo_eval_every", "top_k", "threads", "beta", "grad_clip", "weight_decay"):
+                 "grpo_eval_every", "top_k", "threads", "beta", "weight_decay", "ckpt_every", "grpo_ckpt_every"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0")
+    for f in dataclasses.fields(cfg.model):
+        if isinstance(getattr(cfg.model, f.name), float) and not math.isfinite(getattr(cfg.model, f.name)):
+            raise ValueError(f"--{f.name}={getattr(cfg.model, f.name)!r}: must be a finite number")
+    for f in dataclasses.fields(cfg):
+        need(not isinstance(getattr(cfg, f.name), float) or math.isfinite(getattr(cfg, f.name)), f.name,
+             "must be a finite number")
     need(cfg.group_size >= 2, "group_size", "must be >= 2 (advantages compare completions of a prompt)")
-    need(cfg.lr > 0 and cfg.grpo_lr > 0, "lr", "learning rates must be > 0")
+    need(cfg.lr > 0, "lr", "must be > 0")
+    need(cfg.grpo_lr > 0, "grpo_lr", "must be > 0")
+    need(cfg.grad_clip > 0, "grad_clip", "must be > 0 (the gradient norm is clipped to it; 0 would zero it)")
     need(cfg.temperature > 0, "temperature", "must be > 0")
     need(0 <= cfg.clip_low < 1 and cfg.clip_high >= 0, "clip_low", "need 0 <= clip_low < 1 and clip_high >= 0")
     need(0 <= cfg.min_lr_frac <= 1, "min_lr_frac", "must be in [0, 1]")
     need(cfg.block_size <= cfg.model.max_seq_len, "block_size", f"must be <= --max_seq_len={cfg.model.max_seq_len}")
+    need(cfg.max_new_tokens + MAX_PROMPT_TOKENS <= cfg.model.max_seq_len, "max_new_tokens",
+         f"must be <= --max_seq_len={cfg.model.max_seq_len} - {MAX_PROMPT_TOKENS} (room for the prompt)")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device), "device", "must be auto, cpu, cuda or cuda:N")
+    need(not cfg.device.startswith("cuda") or torch.cuda.is_available(), "device", "CUDA is not available here")
+    need(not (cfg.resume and cfg.stage == "eval"), "resume", "only a training stage (all, pretrain, grpo) resumes")
+    world = int(os.environ.get("WORLD_SIZE", 1))   # processes started by torchrun (1 without it)
+    need(cfg.batch_size % (accum_steps(cfg, world) * world) == 0, "batch_size",
+         f"the global batch must split into {world} ranks x {accum_steps(cfg, world)} micro-steps")
+    need(cfg.prompts_per_step % world == 0, "prompts_per_step", f"must be divisible by the world size {world}")
+
+
+def accum_steps(cfg: Config, world: int) -> int:
+    """Micro-steps per rank: --grad_accum shared among the ranks (rounded up, so that no rank's
+    micro-batch is larger than one process's), keeping the global batch fixed."""
+    return -(-cfg.grad_accum // world)
 
 
 # -----------------------------------------------------------------------------
@@ -192,12 +233,15 @@ def prompt_tokens(p: Problem) -> list:
 # Distributed setup and small utilities
 
 def setup(cfg: Config):
-    """Returns (rank, world, device). Under torchrun, joins the process group (nccl/gloo)."""
+    """Returns (rank, world, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE in each process it
+    starts: then join the process group (nccl on CUDA, one GPU per process: cuda:LOCAL_RANK; gloo on
+    CPU). A plain `python nanor1.py` is a world of one and touches nothing distributed."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    else:
-        device = cfg.device
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -229,48 +273,192 @@ def fmt_time(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s"
 
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-              "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense bf16
+# Dense bf16 tensor-core peaks (FLOP/s per GPU: fp32 accumulate, no 2:4 sparsity) from NVIDIA's
+# datasheets, as regexes tried in order on torch.cuda.get_device_name(). Not listed, MFU is "unknown".
+PEAK_FLOPS = [(r"H100.*PCIe", 756e12), (r"H[12]00.*NVL", 835e12), (r"H100|H200", 989e12),  # SXM, GH200
+              (r"B200", 2250e12), (r"A100|A800", 312e12), (r"\bA30\b", 165e12), (r"\bA10\b", 125e12),
+              (r"L40S", 362e12), (r"\bL40\b", 181e12), (r"\bL4\b", 121e12), (r"RTX A6000", 155e12),
+              (r"RTX 4090", 165e12), (r"RTX 3090", 71e12)]
 
 
 def peak_flops(device) -> float:
     """Peak FLOP/s for MFU: a table for GPUs (None = unknown), a measured fp32 matmul on CPU."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    t = time.perf_counter()
+        return next((v for pattern, v in PEAK_FLOPS if re.search(pattern, name)), None)
+    return _cpu_matmul_peak(torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_matmul_peak(threads: int) -> float:
+    """The best of several timed rounds of a large fp32 matmul (the first rounds warm up the
+    threads and caches, and a shared machine is noisy; the best round is the closest to the peak).
+    Measured once per thread count (~0.3 s)."""
+    n, best = 1024, float("inf")
+    a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(8):
-        a @ b
-    return 8 * 2 * 1024 ** 3 / (time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(2):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / 2)
+    return 2 * n ** 3 / best
 
 
 def save_checkpoint(path, model, cfg, **extra):
-    """Atomic: write to a temp file, then rename. Plain types only, so weights_only=True loads it."""
+    """Atomic: write a temp file, flush it to disk, then rename it over path, so that a kill at any
+    moment leaves the old checkpoint or the new one, never half of one. Plain types only (tensors,
+    numbers, strings, dicts and lists of them), so torch.load(weights_only=True) reads it."""
     raw = model.module if hasattr(model, "module") else model
     raw = getattr(raw, "_orig_mod", raw)
     ckpt = {"model": raw.state_dict(), "model_config": dataclasses.asdict(raw.cfg),
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}, **extra}
     tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device):
-    """-> (model, checkpoint dict). A clear error for a missing or unreadable file."""
+def _first_line(e: Exception) -> str:
+    why = (str(e).strip().splitlines() or [""])[0][:200]
+    return type(e).__name__ + (f": {why}" if why else "")
+
+
+def read_checkpoint(path, device) -> dict:
+    """torch.load(weights_only=True), with one clear line for a missing, truncated or corrupted file."""
     if not os.path.exists(path):
         raise SystemExit(f"error: checkpoint {path} not found (run the pretrain stage first, or pass --init_from)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"model", "model_config", "config"} <= ckpt.keys():
+            raise ValueError("no model, model_config and config entries")
+    except Exception as e:
+        raise SystemExit(f"error: cannot load checkpoint {path}: file is truncated, corrupted or not a nanor1 "
+                         f"checkpoint ({_first_line(e)})")
+    return ckpt
+
+
+def load_checkpoint(path, device):
+    """-> (model, checkpoint dict). A clear error for a missing or unreadable file."""
+    ckpt = read_checkpoint(path, device)
+    try:
         model = Transformer(ModelConfig(**ckpt["model_config"])).to(device)
         model.load_state_dict(ckpt["model"])
-    except Exception as e:  # truncated, corrupted, or from another model
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        kind = "weights do not match its config" if isinstance(e, (RuntimeError, KeyError, TypeError)) and \
-            "state_dict" in str(e) else "file is truncated, corrupted or not a nanor1 checkpoint"
-        raise SystemExit(f"error: cannot load checkpoint {path}: {kind} ({type(e).__name__}{': ' + why if why else ''})")
+    except Exception as e:  # weights of another model, or a config this version does not know
+        raise SystemExit(f"error: cannot load checkpoint {path}: weights do not match its config ({_first_line(e)})")
     return model, ckpt
+
+
+# Settings that do not change what a run computes: a resumed run may change them, not the others.
+RESUME_FREE = {"stage", "out_dir", "init_from", "resume", "device", "threads", "compile", "log_every", "eval_every",
+               "ckpt_every", "grpo_eval_every", "grpo_ckpt_every", "grpo_eval_n", "n_test", "eval_batch"}
+
+
+def config_error(message: str):
+    """A setting that cannot work: one line on stderr and exit code 2, like a bad flag."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def read_resume_checkpoint(cfg: Config, device):
+    """--resume: out_dir/ckpt.pt, checked against this run's settings before anything runs or is
+    written. None if there is none yet: the run was stopped before its first checkpoint."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        print0(f"--resume: no {path} yet, so starting from the beginning")
+        return None
+    ckpt = read_checkpoint(path, device)
+    if not {"stage", "step", "optimizer"} <= ckpt.keys() or ckpt["stage"] not in ("pretrain", "grpo"):
+        raise SystemExit(f"error: cannot resume from {path}: not a training checkpoint (no stage, step and "
+                         f"optimizer state)")
+    then = {**ckpt["config"], **ckpt["model_config"]}
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
+    now.update(dataclasses.asdict(dataclasses.replace(cfg.model, vocab_size=enc.n_vocab)))
+    diff = [f"--{k} {then.get(k, '(unset)')!r} there, {v!r} now" for k, v in now.items()
+            if k not in RESUME_FREE and then.get(k, "(unset)") != v]
+    if diff:
+        config_error(f"cannot resume from {path}: it was written with other settings: {'; '.join(diff)} "
+                     f"(resume with that run's flags, or start a new run with another --out_dir)")
+    where = f"{path} is at {ckpt['stage']} step {ckpt['step']}"
+    if ckpt["stage"] == "pretrain" and cfg.stage == "grpo":
+        config_error(f"cannot resume with --stage grpo: {where}; resume with --stage all or pretrain")
+    if ckpt["stage"] == "grpo" and cfg.stage == "pretrain":
+        config_error(f"nothing to resume with --stage pretrain: {where}, pretraining is done")
+    print0(f"resuming: {where}")
+    return ckpt
+
+
+def truncate_metrics(cfg: Config, stage: str, step: int):
+    """On resume, drop the log records written after the checkpoint (those steps run again) and
+    any line a kill cut short."""
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    order = {"pretrain": 0, "grpo": 1}
+    keep = []
+    for line in open(path):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            r = json.loads(line)
+            if (order[r["stage"]], r["step"]) <= (order[stage], step):
+                keep.append(json.dumps(r) + "\n")
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(f"{path}.tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# Stopping safely. A kill (SIGKILL, a crash, a power cut) loses at most the steps since the last
+# checkpoint: the training loops write out_dir/ckpt.pt every ckpt_every steps, atomically, with the
+# optimizer state, and draw each step's randomness from (seed, step, rank) alone, so --resume
+# repeats exactly what the lost steps did. Ctrl-C (SIGINT) or SIGTERM during training loses
+# nothing: the step finishes, ckpt.pt is written, and the run exits with 128 + the signal number
+# (130 for Ctrl-C) after printing the command that resumes it. Outside the training loops
+# (evaluations, plots) it exits at once: the last checkpoint already holds every finished step.
+
+RUN = {"argv": [], "signal": None, "in_loop": False}   # argv: the flags that resume this run, set by main()
+
+
+def resume_command() -> str:
+    prog = sys.argv[0] if sys.argv[0].endswith(".py") else "nanor1.py"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    launch = f"torchrun --standalone --nproc_per_node={world} {prog}" if world > 1 else f"python {prog}"
+    return f"{launch} {shlex.join(RUN['argv'])}"
+
+
+def _on_signal(signum, frame):
+    if RUN["in_loop"] and RUN["signal"] is None:   # the training loop stops after this step
+        RUN["signal"] = signum
+        os.write(2, b"\nstopping: finishing this step and saving a checkpoint (again to stop at once)\n")
+        return
+    os.write(2, f"\nstopped by {signal.Signals(signum).name}; resume with: {resume_command()}\n".encode())
+    raise SystemExit(128 + signum)
+
+
+def end_of_step(cfg: Config, model, opt, stage: str, step: int, total: int, every: int, rank: int, device):
+    """After each finished step: write out_dir/ckpt.pt every `every` steps and after the last one;
+    after a signal, write it now and exit. Every rank stops at the same step."""
+    stop = RUN["signal"] is not None
+    if dist.is_initialized():
+        stop = all_reduce_sum(torch.tensor(float(stop), device=device)).item() > 0
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if rank == 0 and (stop or step == total or (every and step % every == 0)):
+        save_checkpoint(path, model, cfg, stage=stage, step=step, optimizer=opt.state_dict())
+    if stop:
+        signum = RUN["signal"] or signal.SIGINT
+        print0(f"stopped by {signal.Signals(signum).name} at {stage} step {step}/{total}, saved {path}; "
+               f"resume with: {resume_command()}")
+        sys.exit(128 + signum)
+
+
+def check_finite(cfg: Config, stage: str, step: int, total: int, loss: float, grad_norm: float, lr_flag: str):
+    """A NaN or infinite loss or gradient stops the run before the update reaches the weights, so the
+    last checkpoint stays the last good one."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        kept = f"the last checkpoint, {path}, is kept" if os.path.exists(path) else "no checkpoint was written"
+        raise SystemExit(f"error: non-finite loss at {stage} step {step}/{total} (loss {loss:.4g}, grad norm "
+                         f"{grad_norm:.4g}): stopped before the update; {kept}. Try a lower {lr_flag}")
 
 
 def log_metrics(cfg, record: dict):
@@ -329,35 +517,63 @@ def make_optimizer(model, lr, weight_decay, device):
 
 
 def wrap_ddp(model, device):
+    """DistributedDataParallel under torchrun (the model itself otherwise): backward averages the
+    gradients over the ranks.
+
+    MoE: an expert that received no tokens on this rank takes no part in its backward, and plain DDP
+    then waits for that gradient forever ("Expected to have finished reduction in the prior
+    iteration"). find_unused_parameters=True makes DDP walk the autograd graph after each forward and
+    count such parameters as zero from this rank, so the average is exactly one process's gradient
+    over the same global batch, and an expert idle on every rank keeps grad None and is skipped by
+    AdamW, as in one process. (The alternative, adding 0 * every expert's output to the loss, would
+    hand idle experts zero gradients that AdamW still steps with momentum and weight decay, and
+    would put a trick into moe.py.) The graph walk costs little next to the expert loop itself.
+
+    forward_sync_buffers=False: no buffer needs DDP's broadcast from rank 0 before a forward. The
+    router biases stay identical because every rank applies the same update, from the loads summed
+    over ranks (Transformer.update_router_biases); the loads (Gate.load) are this rank's own counts
+    and must not be replaced by rank 0's (harmless today only because the broadcast comes when they
+    are all zero); the rope table is a constant.
+    """
     if not dist.is_initialized():
         return model
-    # an expert that received no tokens on this rank has no gradient this step: let DDP know
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
+        forward_sync_buffers=False)
 
 
-def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tests: dict):
-    accum = max(1, cfg.grad_accum // world)
+def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tests: dict, resume: dict = None):
+    """Pretrain model in place; resume: a checkpoint of this stage to continue from (see main)."""
+    accum = accum_steps(cfg, world)
     rows = cfg.batch_size // (accum * world)          # rows per micro-step on this rank
     if rows * accum * world != cfg.batch_size:
         raise SystemExit(f"error: --batch_size={cfg.batch_size} must be divisible by "
-                         f"grad_accum x world size = {accum * world}")
-    rng = random.Random(f"{cfg.seed}-pretrain-{rank}")
-    batches = pretrain_batches(cfg, rng, rows)
+                         f"micro-steps x world size = {accum * world}")
+    # one seed per step and micro-batch of the global batch, rank r taking micro-batches r*accum...:
+    # the data depend on the seed, the step and the number of micro-batches, not on how they are
+    # spread over ranks (2 ranks x 1 micro-step train on exactly what 1 rank x 2 micro-steps trains
+    # on), nor on earlier steps (a resumed run trains on exactly what an uninterrupted one would)
+    def batch(step, micro):
+        seed = f"{cfg.seed}-pretrain-{step}-{rank * accum + micro}"
+        return next(pretrain_batches(cfg, random.Random(seed), rows))
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    start = resume["step"] if resume else 0
+    if resume:
+        opt.load_state_dict(resume["optimizer"])
     ddp = wrap_ddp(model, device)
     fwd = torch.compile(ddp) if cfg.compile else ddp
     flops_tok, peak = model.flops_per_token(cfg.block_size), peak_flops(device)
     tokens_per_step = cfg.batch_size * cfg.block_size
     print0(f"pretraining: {model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M active), "
            f"{cfg.pretrain_steps} steps x {tokens_per_step} tokens, think_frac {cfg.think_frac}")
-    t_start, t_last, step_last, losses = time.time(), time.time(), 0, []
-    for step in range(cfg.pretrain_steps):
+    t_start, t_last, step_last, losses = time.time(), time.time(), start, []
+    RUN["in_loop"] = True
+    for step in range(start, cfg.pretrain_steps):
         lr = lr_at(step, cfg.pretrain_steps, cfg, cfg.lr)
         for g in opt.param_groups:
             g["lr"] = lr
         for micro in range(accum):
-            x, y = (t.to(device) for t in next(batches))
+            x, y = (t.to(device) for t in batch(step, micro))
             sync = micro == accum - 1 or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
             with (contextlib.nullcontext() if sync else ddp.no_sync()):
                 with autocast(cfg, device):
@@ -365,18 +581,19 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
                     loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
                 ((loss + aux) / accum).backward()
             losses.append(loss.item())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        check_finite(cfg, "pretrain", step + 1, cfg.pretrain_steps, sum(losses[-accum:]), norm.item(), "--lr")
         opt.step()
         opt.zero_grad(set_to_none=True)
         loads = model.update_router_biases()
         if (step + 1) % cfg.log_every == 0 or step == cfg.pretrain_steps - 1:
             dt = (time.time() - t_last) / (step + 1 - step_last)   # seconds per step since the last line
             t_last, step_last = time.time(), step + 1
-            loss_avg = all_reduce_sum(torch.tensor(sum(losses) / len(losses))).item() / world
+            loss_avg = all_reduce_sum(torch.tensor(sum(losses) / len(losses), device=device)).item() / world
             losses = []
             tok_s = tokens_per_step / dt
             mfu = f"{100 * flops_tok * tok_s / world / peak:.0f}%" if peak else "unknown"
-            eta = (time.time() - t_start) / (step + 1) * (cfg.pretrain_steps - step - 1)
+            eta = (time.time() - t_start) / (step + 1 - start) * (cfg.pretrain_steps - step - 1)
             imbalance = (loads.max(1).values / loads.mean(1).clamp_min(1)).mean().item() if loads.numel() else 0
             print0(f"pretrain {step + 1:05d}/{cfg.pretrain_steps} | loss {loss_avg:.3f} | lr {lr:.1e} | "
                    f"{1000 * dt:.0f}ms | {tok_s / 1e3:.1f}k tok/s | mfu {mfu} | "
@@ -388,6 +605,8 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
             print0("  held-out (greedy, 32/level): " + levels_line(res))
             res = evaluate(model, subset(tests, 32), cfg, device, force="think")
             print0("  held-out (greedy, 32/level, forced to think): " + levels_line(res))
+        end_of_step(cfg, model, opt, "pretrain", step + 1, cfg.pretrain_steps, cfg.ckpt_every, rank, device)
+    RUN["in_loop"] = False
     return model
 
 
@@ -631,26 +850,33 @@ def sequence_logprobs(model, tokens, key_mask, P: int, autocast_ctx):
 
 
 def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, world: int, tests: dict,
-         history: list, reward_fn=None):
+         history: list, reward_fn=None, resume: dict = None):
     """Train model with GRPO against the frozen ref. reward_fn(text, problem) -> float replaces the
-    R1-Zero reward (acc_weight * accuracy + format_weight * format) when given, e.g. in tests."""
+    R1-Zero reward (acc_weight * accuracy + format_weight * format) when given, e.g. in tests.
+    resume: a checkpoint of this stage to continue from (see main)."""
     if cfg.prompts_per_step % world:
         raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {world}")
     n_prompts, G = cfg.prompts_per_step // world, cfg.group_size   # each rank owns whole groups
-    rng = random.Random(f"{cfg.seed}-grpo-{rank}")
-    problems = training_problems(rng)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    gen = torch.Generator(device=device)
     opt = make_optimizer(model, cfg.grpo_lr, 0.0, device)
+    start = resume["step"] if resume else 0
+    if resume:
+        opt.load_state_dict(resume["optimizer"])
     ddp = wrap_ddp(model, device)
     ref.eval().requires_grad_(False)
     ctx = autocast(cfg, device)
     print0(f"GRPO: {cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={G}, lr {cfg.grpo_lr}, "
            f"beta {cfg.beta}, clip [{1 - cfg.clip_low:.2f}, {1 + cfg.clip_high:.2f}], agg {cfg.agg}")
     t_start = time.time()
-    for step in range(cfg.grpo_steps):
-        # 1) rollouts: G samples per prompt from the current policy (pi_old)
+    RUN["in_loop"] = True
+    for step in range(start, cfg.grpo_steps):
+        # 1) rollouts: G samples per prompt from the current policy (pi_old). The problems and the
+        # samples depend on (seed, step, rank) alone, so a resumed run draws what this one would
         t0 = time.time()
+        rng = random.Random(f"{cfg.seed}-grpo-{step}-{rank}")
+        problems = training_problems(rng)
         batch = [next(problems) for _ in range(n_prompts)]
+        gen.manual_seed(rng.getrandbits(63))
         prompts = [prompt_tokens(p) for p in batch for _ in range(G)]
         model.eval()
         comps, comp_mask, truncated = generate(model, prompts, cfg.max_new_tokens, cfg.temperature,
@@ -674,29 +900,41 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
         tokens = torch.cat([prompt_tok, comps], 1)
         key_mask = torch.cat([prompt_mask, torch.ones_like(comp_mask)], 1)
         idx = keep.nonzero().squeeze(1).to(device)
+        # this rank's share of the kept rows and tokens of all ranks, relative to an even split (1.0 in
+        # one process, or when every rank keeps as many): the loss is scaled by it, so that DDP's
+        # average over ranks is exactly the loss of the whole batch, however unevenly groups were dropped
+        kept = torch.tensor([len(idx), comp_mask[idx].sum().item()], dtype=torch.float64, device=device)
+        kept_all = all_reduce_sum(kept.clone())
+        share_rows, share_tok = (world * kept / kept_all.clamp_min(1)).tolist()
         stats = {"clip_frac": 0.0, "kl": 0.0, "loss": 0.0}
         entropy = 0.0
-        if len(idx):
+        if kept_all[0] > 0:   # the same on every rank: DDP needs a backward from each rank, or none
+            if not len(idx):  # all of this rank's groups were dropped: one row at weight 0, in eval mode
+                idx = idx.new_zeros(1)   # (no router counts, no balance loss) just to join the backward
             tokens, key_mask, mask, adv = tokens[idx], key_mask[idx], comp_mask[idx], advantages.to(device)[idx]
             with torch.no_grad():
                 ref_logp = sequence_logprobs(ref, tokens, key_mask, P, ctx)[0] if cfg.beta else None
                 old_logp = sequence_logprobs(model, tokens, key_mask, P, ctx)[0] if cfg.mu > 1 else None
-            model.train()
+            model.train(share_rows > 0)
             for g in opt.param_groups:
                 g["lr"] = cfg.grpo_lr
             for _ in range(cfg.mu):
                 logp, ent, aux = sequence_logprobs(ddp, tokens, key_mask, P, ctx)
                 loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, adv, mask,
                                         cfg.clip_low, cfg.clip_high, cfg.beta, cfg.agg, cfg.max_new_tokens)
-                (loss + aux).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                loss = loss * (share_tok if cfg.agg == "token" else share_rows)
+                (loss + aux * share_rows).backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                check_finite(cfg, "grpo", step + 1, cfg.grpo_steps, loss.item(), norm.item(), "--grpo_lr")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 loads = model.update_router_biases()
                 stats["loss"] = loss.item()
             entropy = masked_mean(ent.detach(), mask).item()
+            # per-token means, weighted by this rank's share of the kept tokens for the average below
+            stats["kl"], stats["clip_frac"], entropy = (v * share_tok for v in (stats["kl"], stats["clip_frac"], entropy))
         t_upd = time.time() - t0
-        # 4) log (means over all ranks)
+        # 4) log: means over all ranks (every rank holds as many completions; see share_tok for kl etc.)
         lengths = response_lengths(comp_mask, truncated).float()
         think = torch.tensor([t.startswith("<think>") for t in texts], dtype=torch.float)
         m = torch.tensor([rewards.mean(), acc.mean(), fmt.mean(), lengths.mean().item(), think.mean(),
@@ -705,7 +943,7 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
         m = (all_reduce_sum(m.to(device)) / world).cpu().tolist()
         rec = dict(zip(["reward", "acc", "fmt", "length", "think", "kl", "clip_frac", "entropy", "zero_std",
                         "truncated", "loss"], m))
-        eta = (time.time() - t_start) / (step + 1) * (cfg.grpo_steps - step - 1)
+        eta = (time.time() - t_start) / (step + 1 - start) * (cfg.grpo_steps - step - 1)
         print0(f"grpo {step + 1:03d}/{cfg.grpo_steps} | reward {rec['reward']:.2f} (acc {rec['acc']:.2f} "
                f"fmt {rec['fmt']:.2f}) | len {rec['length']:5.1f} | think {rec['think']:.2f} | kl {rec['kl']:.3f} | "
                f"clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | zero-std {rec['zero_std']:.2f} | "
@@ -717,6 +955,8 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
             rec["heldout"] = res
         log_metrics(cfg, rec)
         history.append(rec)
+        end_of_step(cfg, model, opt, "grpo", step + 1, cfg.grpo_steps, cfg.grpo_ckpt_every, rank, device)
+    RUN["in_loop"] = False
     return model
 
 
@@ -796,7 +1036,9 @@ def levels_summary(res: dict) -> dict:
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
+    RUN["argv"] = argv if cfg.resume else argv + ["--resume"]
     rank, world, device = setup(cfg)
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -804,27 +1046,37 @@ def main(argv=None):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        print(f"error: --out_dir={cfg.out_dir!r} is not writable: {e.strerror}", file=sys.stderr)
-        sys.exit(2)
+        config_error(f"--out_dir={cfg.out_dir!r}: must be a writable directory ({e.strerror or e})")
+    # --resume: read and check the checkpoint before anything runs or is written
+    resume = read_resume_checkpoint(cfg, device) if cfg.resume else None
+    resume_grpo = resume is not None and resume["stage"] == "grpo"
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tests = test_set(cfg.n_test)
     ctx = autocast(cfg, device)
     wall, t0 = {}, time.time()
-    if rank == 0 and cfg.stage in ("all", "pretrain") and os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):
+    if rank == 0 and resume:
+        truncate_metrics(cfg, resume["stage"], resume["step"])
+    elif rank == 0 and cfg.stage in ("all", "pretrain") and os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):
         os.remove(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    elif rank == 0 and cfg.stage == "grpo":
+        truncate_metrics(cfg, "grpo", 0)   # keep the pretraining log, drop an earlier GRPO run's
     print0(f"nanor1 | device {device} | world {world} | seed {cfg.seed} | out {cfg.out_dir}/")
 
-    if cfg.stage in ("all", "pretrain"):
+    if cfg.stage in ("all", "pretrain") and not resume_grpo:
         model = Transformer(dataclasses.replace(cfg.model, vocab_size=enc.n_vocab)).to(device)
-        pretrain(cfg, model, device, rank, world, tests)
+        if resume:
+            model.load_state_dict(resume["model"])
+        pretrain(cfg, model, device, rank, world, tests, resume=resume)
         wall["pretrain"] = time.time() - t0
         if rank == 0:
             save_checkpoint(os.path.join(cfg.out_dir, "base.pt"), model, cfg, stage="pretrain", step=cfg.pretrain_steps)
     else:
-        path = cfg.init_from or os.path.join(cfg.out_dir, "base.pt" if cfg.stage == "grpo" else "final.pt")
+        path = cfg.init_from or os.path.join(cfg.out_dir, "final.pt" if cfg.stage == "eval" else "base.pt")
         model, _ = load_checkpoint(path, device)
         print0(f"loaded {path}")
+        if resume_grpo and dataclasses.asdict(model.cfg) != resume["model_config"]:
+            config_error(f"cannot resume: {path} (the GRPO reference) holds another model than {cfg.out_dir}/ckpt.pt")
 
     base = evaluate(model, tests, cfg, device)
     print0(f"held-out (greedy, {cfg.n_test}/level) before GRPO: " + levels_line(base))
@@ -838,8 +1090,10 @@ def main(argv=None):
         t1 = time.time()
         ref, _ = (Transformer(model.cfg).to(device), None)
         ref.load_state_dict(model.state_dict())
+        if resume_grpo:
+            model.load_state_dict(resume["model"])
         history = []
-        grpo(cfg, model, ref, device, rank, world, tests, history)
+        grpo(cfg, model, ref, device, rank, world, tests, history, resume=resume if resume_grpo else None)
         wall["grpo"] = time.time() - t1
         if rank == 0:
             save_checkpoint(os.path.join(cfg.out_dir, "final.pt"), model, cfg, stage="grpo", step=cfg.grpo_steps)
@@ -863,4 +1117,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM):   # stop safely: see "Stopping safely" above
+        signal.signal(sig, _on_signal)
     main()

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_student as ms  # noqa: E402
 
 REQUIRED = {"rmsnorm_rope", "mla_absorb", "gate", "balance", "advantages", "grpo_loss", "rewards"}
-BUILTIN_MARKERS = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
+BUILTIN_MARKERS = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings",
+                   "hypothesis"}  # hypothesis marks every @given test itself
 # run in the copies: everything but this file (it would recurse) and the slow tests
 COPY_ARGS = ["-q", "-m", "not slow", "--ignore=tests/test_assignments.py", "tests"]
 

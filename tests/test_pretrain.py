@@ -175,17 +175,10 @@ def test_broken_checkpoint_in_a_real_process_prints_no_traceback(tmp_path):
     assert len(lines) == 1 and path in lines[0] and lines[0].startswith("error:"), r.stderr
 
 
-@pytest.mark.rmsnorm_rope
-@pytest.mark.gate
-@pytest.mark.balance
-def test_log_every_zero_is_rejected_or_works(tmp_path):
+def test_log_every_zero_is_rejected_naming_the_field(tmp_path):
     cfg = tiny_config(tmp_path, pretrain_steps=2, log_every=0)
-    try:
+    with pytest.raises(ValueError, match="log_every"):
         nanor1.validate(cfg)
-    except ValueError:
-        return                                   # rejected up front with a clear message: fine
-    torch.manual_seed(0)
-    nanor1.pretrain(cfg, moe.Transformer(cfg.model), torch.device("cpu"), 0, 1, {})
 
 
 @pytest.mark.rmsnorm_rope
