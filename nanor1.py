@@ -98,7 +98,7 @@ class Config:
     drop_zero_std: bool = False   # DAPO dynamic sampling: drop groups whose rewards are all equal
     acc_weight: float = 1.0       # reward = acc_weight * accuracy + format_weight * format
     format_weight: float = 0.2
-    grpo_eval_every: int = 25     # held-out eval during GRPO (0 = only at the end)
+    grpo_eval_every: int = 10     # held-out eval during GRPO (0 = only at the end)
     grpo_ckpt_every: int = 50     # write out_dir/ckpt.pt every N GRPO steps (and at the end)
     grpo_eval_n: int = 50         # problems per level for those evals
     eval_batch: int = 256         # sequences per generation batch in evaluation
@@ -907,7 +907,7 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
         kept_all = all_reduce_sum(kept.clone())
         share_rows, share_tok = (world * kept / kept_all.clamp_min(1)).tolist()
         stats = {"clip_frac": 0.0, "kl": 0.0, "loss": 0.0}
-        entropy = 0.0
+        entropy, loads = 0.0, None
         if kept_all[0] > 0:   # the same on every rank: DDP needs a backward from each rank, or none
             if not len(idx):  # all of this rank's groups were dropped: one row at weight 0, in eval mode
                 idx = idx.new_zeros(1)   # (no router counts, no balance loss) just to join the backward
@@ -949,6 +949,8 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
                f"clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | zero-std {rec['zero_std']:.2f} | "
                f"trunc {rec['truncated']:.2f} | gen {t_gen:.1f}s train {t_upd:.1f}s | eta {fmt_time(eta)}")
         rec.update(stage="grpo", step=step + 1, t_gen=t_gen, t_update=t_upd)
+        if loads is not None and loads.numel():
+            rec["expert_load"] = loads.tolist()
         if (cfg.grpo_eval_every and (step + 1) % cfg.grpo_eval_every == 0) or step + 1 == cfg.grpo_steps:
             res = evaluate(model, subset(tests, cfg.grpo_eval_n), cfg, device)
             print0(f"  held-out (greedy, {cfg.grpo_eval_n}/level): " + levels_line(res))
@@ -982,17 +984,26 @@ def make_plots(cfg: Config, base: dict, final: dict):
         smooth = lambda xs, k=10: [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
         ax[1].plot(steps, smooth([r["reward"] for r in rl]), label="train reward")
         ax[1].plot(steps, smooth([r["acc"] for r in rl]), label="train accuracy")
-        if ev:
-            ax[1].plot([r["step"] for r in ev], [r["heldout"]["overall"]["accuracy"] for r in ev], "o-",
-                       label="held-out accuracy (greedy)")
+        # held-out greedy evaluations, the base model's at GRPO step 0
+        ev_steps = [0] + [r["step"] for r in ev]
+        ev_res = [base] + [r["heldout"] for r in ev]
+        ax[1].plot(ev_steps, [r["overall"]["accuracy"] for r in ev_res], "o-", label="held-out accuracy (greedy)")
         ax[1].set(title="GRPO: reward and accuracy", xlabel="GRPO step", ylim=(0, 1.25))
         ax[1].legend()
         ax[2].plot(steps, smooth([r["length"] for r in rl]), color="C3", label="mean response length")
-        ax[2].set(title="R1-Zero signature: responses grow", xlabel="GRPO step", ylabel="tokens")
+        ax[2].set(title="R1-Zero signature: responses grow (samples)", xlabel="GRPO step", ylabel="tokens")
         tw = ax[2].twinx()
         tw.plot(steps, smooth([r["think"] for r in rl]), color="C2", label="think rate")
         tw.set(ylabel="share of samples that think", ylim=(0, 1.05))
         ax[2].legend(loc="upper left")
+        tw.legend(loc="lower right")
+        ax[5].plot(ev_steps, [r["overall"]["mean_length"] for r in ev_res], "o-", color="C3",
+                   label="mean response length")
+        ax[5].set(title="held-out, greedy: length and think rate", xlabel="GRPO step", ylabel="tokens", ylim=(0, None))
+        tw = ax[5].twinx()
+        tw.plot(ev_steps, [r["overall"]["think_rate"] for r in ev_res], "s--", color="C2", label="think rate")
+        tw.set(ylabel="share of answers that think", ylim=(0, 1.05))
+        ax[5].legend(loc="upper left")
         tw.legend(loc="lower right")
     lv = [k for k in base if k != "overall"] + ["overall"]
     xs = range(len(lv))
@@ -1001,17 +1012,20 @@ def make_plots(cfg: Config, base: dict, final: dict):
         ax[3].bar([x + 0.2 for x in xs], [final[k]["accuracy"] for k in lv], 0.4, label="after GRPO")
     ax[3].set(title="held-out greedy accuracy per level", xticks=list(xs), xticklabels=lv, ylim=(0, 1.05))
     ax[3].legend()
-    for i, (name, rs) in enumerate((("pretraining", pre), ("GRPO", rl))):
-        rs = [r for r in rs if r.get("expert_load")]
-        if rs:
-            loads = torch.tensor([r["expert_load"] for r in rs])             # (steps, layers, E)
-            share = loads / loads.sum(-1, keepdim=True).clamp_min(1)
-            for layer in range(share.size(1)):
-                ax[4 + i].plot([r["step"] for r in rs], (share[:, layer].max(-1).values * share.size(-1)).tolist(),
-                               label=f"MoE layer {layer}")
-            ax[4 + i].axhline(1.0, color="gray", ls="--")
-            ax[4 + i].set(title=f"expert load balance ({name})", xlabel="step", ylabel="max load / mean load")
-            ax[4 + i].legend()
+    # expert load over the whole run: pretraining steps, then GRPO steps after them
+    rs = [r for r in pre + rl if r.get("expert_load")]
+    if rs:
+        offset = pre[-1]["step"] if pre else 0
+        x = [r["step"] + (offset if r["stage"] == "grpo" else 0) for r in rs]
+        loads = torch.tensor([r["expert_load"] for r in rs])                 # (records, layers, E)
+        share = loads / loads.sum(-1, keepdim=True).clamp_min(1)
+        for layer in range(share.size(1)):
+            ax[4].plot(x, (share[:, layer].max(-1).values * share.size(-1)).tolist(), label=f"MoE layer {layer}")
+        ax[4].axhline(1.0, color="gray", ls="--")
+        if pre and rl:
+            ax[4].axvline(pre[-1]["step"], color="k", ls=":", label="GRPO starts")
+        ax[4].set(title="expert load balance (busiest expert / mean)", xlabel="training step", ylabel="max load / mean load")
+        ax[4].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "nanor1.png"), dpi=110)
     plt.close(fig)
