@@ -3,15 +3,18 @@ nanor1: DeepSeek-R1-Zero in miniature. A tiny DeepSeek-V3 (MLA + DeepSeekMoE, se
 pretrained from scratch on arithmetic, then trained with GRPO on verifiable rewards until it
 learns, by itself, to think step by step before it answers.
 
-    python nanor1.py                              # everything, on a laptop CPU (~15 min)
+    python nanor1.py                              # everything, on a 2-core CPU (~13 min)
     python nanor1.py --stage grpo                 # one stage alone, from out/base.pt
     python nanor1.py --stage eval --init_from out/final.pt
     python nanor1.py ... --resume                 # continue a killed or stopped run (same flags)
+    python nanor1.py --stage r1                   # the R1 recipe from out/base.pt: SFT, RL, SFT, RL (~7 min)
+    python nanor1.py --stage distill              # a 4x smaller student: RL vs distilled from out/final.pt (~6 min)
     torchrun --standalone --nproc_per_node=8 nanor1.py --dim 256 ...   # many GPUs (see train.sh)
     python nanor1.py --help                       # every setting, with its default
 
 The file reads top to bottom in the order things run: config, tokenizer, distributed setup,
-pretraining, rewards, rollouts, evaluation, the GRPO math, the GRPO trainer, plots, main().
+pretraining, rewards, rollouts, evaluation, the GRPO math, the GRPO trainer, the rest of the R1
+recipe (SFT, rejection sampling, distillation), plots, main().
 
 Where nanor1 departs from DeepSeek-R1-Zero, and why:
   1. The task is arithmetic, generated in code, not competition math: answers are checkable by a
@@ -24,10 +27,13 @@ Where nanor1 departs from DeepSeek-R1-Zero, and why:
   4. Rewards are rule-based exactly as in R1-Zero (accuracy + format); no neural reward model.
   5. GRPO as in DeepSeekMath: group-normalised advantages, PPO clipping, k3 KL to the frozen base.
      Dr. GRPO and DAPO variants are flags (--scale_by_std, --agg, --clip_high, --drop_zero_std).
-  6. Everything is tiny: ~1.8M parameters (0.9M active), groups of 8, a few hundred RL steps.
+  6. Everything is tiny: ~1.9M parameters (1.0M active), groups of 8, 100 RL steps.
+  7. DeepSeek-R1's multi-stage recipe (--stage r1) and its distillation (--stage distill) are here in
+     miniature, simplified as said in their section: generated cold-start data, reasoning data only.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -46,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import LEVELS, Problem, test_set, training_problems
+from data import LEVELS, Problem, is_heldout, test_set, training_problems
 from moe import KVCache, ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------
@@ -56,9 +62,9 @@ from moe import KVCache, ModelConfig, Transformer
 @dataclass
 class Config:
     # run
-    stage: str = "all"            # all | pretrain | grpo | eval
+    stage: str = "all"            # all | pretrain | grpo | eval (R1-Zero) | sft | rejection | distill | r1 (R1 recipe)
     out_dir: str = "out"          # checkpoints, metrics, plots, summary
-    init_from: str = ""           # checkpoint for --stage grpo/eval (default: out_dir/base.pt or final.pt)
+    init_from: str = ""           # the stage's model (default: out_dir/base.pt; final.pt for eval, rejection, distill)
     seed: int = 1337
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     dtype: str = "auto"           # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
@@ -101,7 +107,20 @@ class Config:
     grpo_eval_every: int = 10     # held-out eval during GRPO (0 = only at the end)
     grpo_ckpt_every: int = 50     # write out_dir/ckpt.pt every N GRPO steps (and at the end)
     grpo_eval_n: int = 50         # problems per level for those evals
-    eval_batch: int = 256         # sequences per generation batch in evaluation
+    eval_batch: int = 256         # sequences per generation batch in evaluation and rejection sampling
+    # the R1 recipe: SFT, rejection sampling, distillation (stages sft, rejection, distill, r1)
+    sft_data: str = ""            # jsonl of {"prompt", "completion"} for --stage sft (default: worked solutions)
+    sft_epochs: int = 2           # passes over the SFT data (R1 fine-tunes for two epochs)
+    sft_batch: int = 32           # examples per SFT step
+    sft_lr: float = 3e-4          # peak SFT learning rate (warmup, then cosine to sft_lr * min_lr_frac)
+    cold_start: int = 512         # worked solutions of training problems for the cold-start SFT
+    rs_prompts: int = 1024        # training problems for rejection sampling
+    rs_samples: int = 4           # K samples per problem; the right, well-formed, distinct ones are kept
+    r1_grpo_steps: int = 50       # GRPO steps in each of --stage r1's two RL stages
+    student_dim: int = 64         # the student's width; all its widths are the teacher's scaled by student_dim / dim
+    student_layers: int = 0       # the student's layers (0 = as many as the teacher)
+    student_pretrain_steps: int = 1500  # the student's pretraining steps (pretrain() on the teacher's corpus)
+    student_grpo_steps: int = 0   # GRPO steps of the RL-only student (0 = as many as fit in the distilled one's time)
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -155,6 +174,7 @@ def parse_args(argv=None) -> Config:
     return cfg
 
 
+RECIPE_STAGES = ("sft", "rejection", "distill", "r1")   # the rest of the R1 recipe (see that section)
 MAX_PROMPT_TOKENS = 32   # room a rollout leaves for its prompt; the longest, "(99+99)*9-99=", is 14 tokens
 
 
@@ -162,7 +182,8 @@ def validate(cfg: Config):
     def need(ok, name, rule):
         if not ok:
             raise ValueError(f"--{name}={getattr(cfg, name)!r}: {rule}")
-    need(cfg.stage in ("all", "pretrain", "grpo", "eval"), "stage", "must be all, pretrain, grpo or eval")
+    need(cfg.stage in ("all", "pretrain", "grpo", "eval") + RECIPE_STAGES, "stage",
+         "must be all, pretrain, grpo or eval (R1-Zero), or sft, rejection, distill or r1 (the R1 recipe)")
     need(cfg.agg in ("seq", "token", "constant"), "agg", "must be seq, token or constant")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
     need(0.0 <= cfg.think_frac <= 1.0, "think_frac", "must be in [0, 1]")
@@ -190,11 +211,20 @@ def validate(cfg: Config):
          f"must be <= --max_seq_len={cfg.model.max_seq_len} - {MAX_PROMPT_TOKENS} (room for the prompt)")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device), "device", "must be auto, cpu, cuda or cuda:N")
     need(not cfg.device.startswith("cuda") or torch.cuda.is_available(), "device", "CUDA is not available here")
-    need(not (cfg.resume and cfg.stage == "eval"), "resume", "only a training stage (all, pretrain, grpo) resumes")
+    need(not (cfg.resume and cfg.stage not in ("all", "pretrain", "grpo")), "resume",
+         "only a training stage (all, pretrain, grpo) resumes; eval and the R1-recipe stages run again from the start")
+    for name in ("sft_epochs", "sft_batch", "rs_samples", "student_dim"):
+        need(getattr(cfg, name) > 0, name, "must be > 0")
+    for name in ("cold_start", "rs_prompts", "r1_grpo_steps", "student_layers", "student_pretrain_steps",
+                 "student_grpo_steps"):
+        need(getattr(cfg, name) >= 0, name, "must be >= 0")
+    need(cfg.sft_lr > 0, "sft_lr", "must be > 0")
     world = int(os.environ.get("WORLD_SIZE", 1))   # processes started by torchrun (1 without it)
     need(cfg.batch_size % (accum_steps(cfg, world) * world) == 0, "batch_size",
          f"the global batch must split into {world} ranks x {accum_steps(cfg, world)} micro-steps")
     need(cfg.prompts_per_step % world == 0, "prompts_per_step", f"must be divisible by the world size {world}")
+    need(world == 1 or cfg.stage not in RECIPE_STAGES, "stage",
+         f"{cfg.stage} runs in one process (the R1-recipe stages do not shard over torchrun's ranks)")
 
 
 def accum_steps(cfg: Config, world: int) -> int:
@@ -352,7 +382,10 @@ def load_checkpoint(path, device):
 
 # Settings that do not change what a run computes: a resumed run may change them, not the others.
 RESUME_FREE = {"stage", "out_dir", "init_from", "resume", "device", "threads", "compile", "log_every", "eval_every",
-               "ckpt_every", "grpo_eval_every", "grpo_ckpt_every", "grpo_eval_n", "n_test", "eval_batch"}
+               "ckpt_every", "grpo_eval_every", "grpo_ckpt_every", "grpo_eval_n", "n_test", "eval_batch",
+               # the R1-recipe stages' settings: an R1-Zero run (all, pretrain, grpo) never reads them
+               "sft_data", "sft_epochs", "sft_batch", "sft_lr", "cold_start", "rs_prompts", "rs_samples",
+               "r1_grpo_steps", "student_dim", "student_layers", "student_pretrain_steps", "student_grpo_steps"}
 
 
 def config_error(message: str):
@@ -426,12 +459,19 @@ def resume_command() -> str:
     return f"{launch} {shlex.join(RUN['argv'])}"
 
 
+def how_to_resume() -> str:
+    """The R1-recipe stages chain several trainings and do not resume: they run again (RUN["argv"] None)."""
+    if RUN["argv"] is None:
+        return "this stage does not resume: run it again"
+    return f"resume with: {resume_command()}"
+
+
 def _on_signal(signum, frame):
     if RUN["in_loop"] and RUN["signal"] is None:   # the training loop stops after this step
         RUN["signal"] = signum
         os.write(2, b"\nstopping: finishing this step and saving a checkpoint (again to stop at once)\n")
         return
-    os.write(2, f"\nstopped by {signal.Signals(signum).name}; resume with: {resume_command()}\n".encode())
+    os.write(2, f"\nstopped by {signal.Signals(signum).name}; {how_to_resume()}\n".encode())
     raise SystemExit(128 + signum)
 
 
@@ -447,7 +487,7 @@ def end_of_step(cfg: Config, model, opt, stage: str, step: int, total: int, ever
     if stop:
         signum = RUN["signal"] or signal.SIGINT
         print0(f"stopped by {signal.Signals(signum).name} at {stage} step {step}/{total}, saved {path}; "
-               f"resume with: {resume_command()}")
+               f"{how_to_resume()}")
         sys.exit(128 + signum)
 
 
@@ -850,10 +890,12 @@ def sequence_logprobs(model, tokens, key_mask, P: int, autocast_ctx):
 
 
 def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, world: int, tests: dict,
-         history: list, reward_fn=None, resume: dict = None):
+         history: list, reward_fn=None, resume: dict = None, max_seconds: float = 0):
     """Train model with GRPO against the frozen ref. reward_fn(text, problem) -> float replaces the
     R1-Zero reward (acc_weight * accuracy + format_weight * format) when given, e.g. in tests.
-    resume: a checkpoint of this stage to continue from (see main)."""
+    resume: a checkpoint of this stage to continue from (see main). max_seconds > 0: stop after
+    the step that reaches this wall time (at most grpo_steps; one process only: ranks' clocks
+    differ), to compare methods at equal cost."""
     if cfg.prompts_per_step % world:
         raise SystemExit(f"error: --prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {world}")
     n_prompts, G = cfg.prompts_per_step // world, cfg.group_size   # each rank owns whole groups
@@ -865,8 +907,9 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
     ddp = wrap_ddp(model, device)
     ref.eval().requires_grad_(False)
     ctx = autocast(cfg, device)
+    budget = f", or fewer: stops after {max_seconds:.0f}s of wall time" if max_seconds else ""
     print0(f"GRPO: {cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={G}, lr {cfg.grpo_lr}, "
-           f"beta {cfg.beta}, clip [{1 - cfg.clip_low:.2f}, {1 + cfg.clip_high:.2f}], agg {cfg.agg}")
+           f"beta {cfg.beta}, clip [{1 - cfg.clip_low:.2f}, {1 + cfg.clip_high:.2f}], agg {cfg.agg}{budget}")
     t_start = time.time()
     RUN["in_loop"] = True
     for step in range(start, cfg.grpo_steps):
@@ -943,7 +986,10 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
         m = (all_reduce_sum(m.to(device)) / world).cpu().tolist()
         rec = dict(zip(["reward", "acc", "fmt", "length", "think", "kl", "clip_frac", "entropy", "zero_std",
                         "truncated", "loss"], m))
-        eta = (time.time() - t_start) / (step + 1 - start) * (cfg.grpo_steps - step - 1)
+        elapsed = time.time() - t_start
+        last = step + 1 == cfg.grpo_steps or 0 < max_seconds <= elapsed
+        eta = 0 if last else elapsed / (step + 1 - start) * (cfg.grpo_steps - step - 1)
+        eta = min(eta, max(0, max_seconds - elapsed)) if max_seconds else eta
         print0(f"grpo {step + 1:03d}/{cfg.grpo_steps} | reward {rec['reward']:.2f} (acc {rec['acc']:.2f} "
                f"fmt {rec['fmt']:.2f}) | len {rec['length']:5.1f} | think {rec['think']:.2f} | kl {rec['kl']:.3f} | "
                f"clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | zero-std {rec['zero_std']:.2f} | "
@@ -951,15 +997,334 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
         rec.update(stage="grpo", step=step + 1, t_gen=t_gen, t_update=t_upd)
         if loads is not None and loads.numel():
             rec["expert_load"] = loads.tolist()
-        if (cfg.grpo_eval_every and (step + 1) % cfg.grpo_eval_every == 0) or step + 1 == cfg.grpo_steps:
+        if (cfg.grpo_eval_every and (step + 1) % cfg.grpo_eval_every == 0) or last:
             res = evaluate(model, subset(tests, cfg.grpo_eval_n), cfg, device)
             print0(f"  held-out (greedy, {cfg.grpo_eval_n}/level): " + levels_line(res))
             rec["heldout"] = res
         log_metrics(cfg, rec)
         history.append(rec)
-        end_of_step(cfg, model, opt, "grpo", step + 1, cfg.grpo_steps, cfg.grpo_ckpt_every, rank, device)
+        end_of_step(cfg, model, opt, "grpo", step + 1, step + 1 if last else cfg.grpo_steps, cfg.grpo_ckpt_every,
+                    rank, device)
+        if last:
+            break
     RUN["in_loop"] = False
     return model
+
+
+# -----------------------------------------------------------------------------
+# The rest of the R1 recipe (DeepSeek-R1, sec 2.3-2.4 and 4.1). R1-Zero, above, is RL from the
+# base alone; DeepSeek-R1 wraps RL between rounds of supervised fine-tuning:
+#
+#   1. cold start: SFT of the base on a small set of readable worked solutions (sec 2.3.1);
+#   2. reasoning-oriented RL, GRPO as in R1-Zero (sec 2.3.2);
+#   3. rejection sampling from that RL checkpoint: sample several responses per prompt, keep only
+#      the correct ones, and fine-tune the *base* (DeepSeek-V3-Base) on them for two epochs (2.3.3);
+#   4. RL again (sec 2.3.4).
+#
+# Distillation (sec 2.4): small models fine-tuned on the strong model's rejection-sampled traces,
+# with SFT alone; sec 4.1 finds them far better than the same small models trained with RL.
+#
+# Where nanor1 simplifies: the cold-start data are the generated worked solutions of data/arith.py
+# (R1's are thousands of long CoTs refined by people); stage 3 keeps reasoning data only (R1 adds
+# 200k non-reasoning samples) and filters with the R1-Zero rewards (correct and well formed, each
+# distinct response once), not R1's language and readability filters; stage 4 keeps the rule-based
+# reward (R1 adds reward models for helpfulness and harmlessness). These stages run in one process
+# and do not resume: each takes minutes on a CPU. They write into out_dir/<stage>/ and merge their
+# results into out_dir/summary.json.
+
+def worked_solutions(n: int, seed) -> list:
+    """Cold-start data: n training problems with their worked solutions, written exactly as the
+    pretraining corpus writes them, as records {level, problem, answer, prompt, completion}."""
+    problems = training_problems(random.Random(f"{seed}-cold-start"))
+    out = []
+    for p in (next(problems) for _ in range(n)):
+        prompt = f"{p.text}="
+        out.append({"level": p.level, "problem": p.text, "answer": p.answer, "prompt": prompt,
+                    "completion": p.document(think=True).removeprefix(prompt)})
+    return out
+
+
+def sft_batch(examples: list):
+    """(prompt tokens, completion tokens) pairs -> x, y (B, T). Row i is prompt + completion, right-
+    padded with end-of-text (causal attention: the padding after a row changes nothing before it).
+    y[t] is the token after x[t] where that token belongs to the completion, its final end-of-text
+    included (so the model learns to stop); -1 elsewhere: the prompt and the padding are context
+    the model reads, not text it is taught to write."""
+    T = max(len(p) + len(c) for p, c in examples) - 1
+    x = torch.full((len(examples), T), EOT, dtype=torch.long)
+    y = torch.full((len(examples), T), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(examples):
+        seq = torch.tensor(p + c)
+        x[i, :len(seq) - 1] = seq[:-1]
+        y[i, len(p) - 1:len(seq) - 1] = seq[len(p):]                          # targets of the completion
+    return x, y
+
+
+def sft_loss(model, x, y, autocast_ctx):
+    """Mean cross-entropy over the completion tokens of the batch (targets -1 are skipped), and the
+    model's balance loss."""
+    with autocast_ctx:
+        logits, aux = model(x)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1), aux
+
+
+def sft(cfg: Config, model: Transformer, examples: list, steps: int, lr: float, device, name: str = "sft"):
+    """Supervised fine-tuning in place on (prompt tokens, completion tokens) pairs, the loss on the
+    completions only. Each step takes sft_batch examples, epoch after epoch in a seeded shuffle;
+    AdamW with warmup (a tenth of the steps, at most warmup_steps) and cosine decay as in pretraining."""
+    if not examples:
+        raise SystemExit(f"error: {name}: no examples to fine-tune on (rejection sampling kept none?)")
+    opt = make_optimizer(model, lr, cfg.weight_decay, device)
+    schedule = dataclasses.replace(cfg, warmup_steps=min(cfg.warmup_steps, steps // 10))
+    rng, order, ctx = random.Random(f"{cfg.seed}-{name}"), [], autocast(cfg, device)
+    every = max(1, min(cfg.log_every, steps // 10))
+    print0(f"{name}: {len(examples)} examples, {steps} steps x {cfg.sft_batch}, lr {lr}, completion tokens only")
+    model.train()
+    t_start, t_last, losses = time.time(), time.time(), []
+    for step in range(steps):
+        while len(order) < cfg.sft_batch:                                     # the next epoch, reshuffled
+            perm = list(range(len(examples)))
+            rng.shuffle(perm)
+            order += perm
+        batch, order = [examples[i] for i in order[:cfg.sft_batch]], order[cfg.sft_batch:]
+        lr_now = lr_at(step, steps, schedule, lr)
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        x, y = (t.to(device) for t in sft_batch(batch))
+        loss, aux = sft_loss(model, x, y, ctx)
+        (loss + aux).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        check_finite(cfg, name, step + 1, steps, loss.item(), norm.item(), "--sft_lr")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_biases()
+        losses.append(loss.item())
+        if (step + 1) % every == 0 or step + 1 == steps:
+            dt = (time.time() - t_last) / len(losses)
+            eta = (time.time() - t_start) / (step + 1) * (steps - step - 1)
+            print0(f"{name} {step + 1:04d}/{steps} | loss {sum(losses) / len(losses):.3f} | lr {lr_now:.1e} | "
+                   f"{1000 * dt:.0f}ms | eta {fmt_time(eta)}")
+            log_metrics(cfg, {"stage": name, "step": step + 1, "loss": sum(losses) / len(losses), "lr": lr_now})
+            t_last, losses = time.time(), []
+    return model
+
+
+def fine_tune(cfg: Config, model: Transformer, records: list, device, name: str):
+    """sft() on {prompt, completion} text records for sft_epochs epochs (R1: two)."""
+    examples = [([EOT] + encode(r["prompt"]), encode(r["completion"]) + [EOT]) for r in records]
+    return sft(cfg, model, examples, math.ceil(cfg.sft_epochs * len(examples) / cfg.sft_batch), cfg.sft_lr,
+               device, name)
+
+
+def fresh_problems(cfg: Config, name: str, n: int) -> list:
+    """n training problems from a stream of their own, seeded by (seed, name), not GRPO's."""
+    problems = training_problems(random.Random(f"{cfg.seed}-{name}"))
+    return [next(problems) for _ in range(n)]
+
+
+@torch.no_grad()
+def rejection_sample(cfg: Config, model: Transformer, problems: list, k: int, device, seed: int = 0,
+                     path: str = "") -> list:
+    """R1's rejection sampling (sec 2.3.3): k sampled completions per problem (temperature, top_k),
+    kept iff right and well formed (accuracy and format reward both 1), each distinct (problem,
+    completion) once. Training problems only: a held-out one would leak the test set into the
+    fine-tuning data. -> records {level, problem, answer, prompt, completion}, also written to path."""
+    held = [p.text for p in problems if is_heldout(p.text)]
+    if held:
+        raise ValueError(f"rejection sampling is for training problems; held out: {', '.join(held[:3])}")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    kept, seen, right = [], set(), 0
+    per_batch = max(1, cfg.eval_batch // k)                                  # problems per generation batch
+    for i in range(0, len(problems), per_batch):
+        chunk = problems[i:i + per_batch]
+        comps, _, _ = generate(model, [prompt_tokens(p) for p in chunk for _ in range(k)], cfg.max_new_tokens,
+                               cfg.temperature, cfg.top_k, generator=gen, autocast_ctx=autocast(cfg, device))
+        for j, comp in enumerate(comps):
+            p, text = chunk[j // k], completion_text(comp)
+            if accuracy_reward(text, p.answer) == 1.0 and format_reward(text) == 1.0:
+                right += 1
+                if (p.text, text) not in seen:
+                    seen.add((p.text, text))
+                    kept.append({"level": p.level, "problem": p.text, "answer": p.answer, "prompt": f"{p.text}=",
+                                 "completion": text})
+    model.train(was_training)
+    print0(f"rejection sampling: {len(problems)} problems x {k} samples: {right} right and well formed, "
+           f"{len(kept)} distinct kept")
+    if path:
+        write_jsonl(path, kept)
+    return kept
+
+
+def write_jsonl(path: str, records: list):
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(f"{path}.tmp", path)
+
+
+def read_sft_data(path: str) -> list:
+    """--sft_data: {prompt, completion} records, one JSON object a line (what rejection sampling
+    writes). Refused with one line: a missing file, a bad line, a held-out problem."""
+    if not os.path.exists(path):
+        config_error(f"--sft_data={path!r}: no such file")
+    records = []
+    for n, line in enumerate(open(path), 1):
+        try:
+            r = json.loads(line)
+            if not (isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)):
+                raise ValueError("needs string fields prompt and completion")
+        except (ValueError, AttributeError) as e:
+            config_error(f"--sft_data={path!r}: line {n}: {_first_line(e)}")
+        if is_heldout(r["prompt"].removesuffix("=")):
+            config_error(f"--sft_data={path!r}: line {n}: {r['prompt']!r} is a held-out problem")
+        records.append(r)
+    return records
+
+
+def student_config(teacher: ModelConfig, dim: int, n_layers: int = 0) -> ModelConfig:
+    """The teacher's architecture at width dim: every width (FFNs, experts, MLA latent and head
+    dims) scaled by dim / teacher.dim, so the parameters shrink about as its square (dim 64 of 128:
+    about a quarter); heads, experts and routing are kept. n_layers 0 keeps the depth."""
+    s = dim / teacher.dim
+    w = lambda x: max(1, round(x * s))
+    layers = n_layers or teacher.n_layers
+    return dataclasses.replace(teacher, dim=dim, inter_dim=w(teacher.inter_dim), moe_inter_dim=w(teacher.moe_inter_dim),
+                               q_lora_rank=round(teacher.q_lora_rank * s), kv_lora_rank=w(teacher.kv_lora_rank),
+                               qk_nope_head_dim=w(teacher.qk_nope_head_dim), v_head_dim=w(teacher.v_head_dim),
+                               qk_rope_head_dim=2 * max(1, round(teacher.qk_rope_head_dim * s / 2)),  # even
+                               n_layers=layers, n_dense_layers=min(teacher.n_dense_layers, layers))
+
+
+def stage_cfg(cfg: Config, *parts, **changes) -> Config:
+    """The run's settings with changes, writing checkpoints and metrics into out_dir/parts/."""
+    out = os.path.join(cfg.out_dir, *parts)
+    os.makedirs(out, exist_ok=True)
+    return dataclasses.replace(cfg, out_dir=out, **changes)
+
+
+def finish_stage(cfg: Config, name: str, seconds: float, model, tests: dict, device, save: bool = True, **extra):
+    """Save the stage's model as cfg.out_dir/model.pt, measure it on the held-out set -> its record
+    for the summary (wall seconds: the stage's work, this evaluation not counted)."""
+    if save:
+        save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), model, cfg, stage=name)
+    res = evaluate(model, tests, cfg, device)
+    print0(f"{name} ({fmt_time(seconds)}): held-out (greedy, {cfg.n_test}/level): " + levels_line(res))
+    return {"name": name, "wall_seconds": seconds, "heldout": levels_summary(res), **extra}
+
+
+def load_stage_model(cfg: Config, device, default: str):
+    path = cfg.init_from or os.path.join(cfg.out_dir, default)
+    model, _ = load_checkpoint(path, device)
+    print0(f"loaded {path} ({model.num_params() / 1e6:.2f}M params)")
+    return model, path
+
+
+def run_sft(cfg: Config, device, tests: dict):
+    """--stage sft: fine-tune --init_from (default out_dir/base.pt) on --sft_data, or on cold_start
+    worked solutions -> out_dir/sft/model.pt."""
+    model, _ = load_stage_model(cfg, device, "base.pt")
+    sub = stage_cfg(cfg, "sft")
+    t0 = time.time()
+    if cfg.sft_data:
+        records = read_sft_data(cfg.sft_data)
+    else:
+        records = worked_solutions(cfg.cold_start, cfg.seed)
+        write_jsonl(os.path.join(sub.out_dir, "cold_start.jsonl"), records)
+    fine_tune(sub, model, records, device, "sft")
+    rec = finish_stage(sub, "sft", time.time() - t0, model, tests, device, examples=len(records))
+    return [rec], {}
+
+
+def run_rejection(cfg: Config, device, tests: dict):
+    """--stage rejection: rs_samples completions for each of rs_prompts fresh training problems from
+    --init_from (default out_dir/final.pt) -> out_dir/rejection/traces.jsonl (for --sft_data)."""
+    model, _ = load_stage_model(cfg, device, "final.pt")
+    sub = stage_cfg(cfg, "rejection")
+    t0 = time.time()
+    traces = rejection_sample(cfg, model, fresh_problems(cfg, "rejection", cfg.rs_prompts), cfg.rs_samples, device,
+                              cfg.seed, os.path.join(sub.out_dir, "traces.jsonl"))
+    rec = finish_stage(sub, "rejection", time.time() - t0, model, tests, device, save=False,
+                       samples=cfg.rs_prompts * cfg.rs_samples, kept=len(traces))
+    return [rec], {}
+
+
+def run_r1(cfg: Config, device, tests: dict):
+    """--stage r1: DeepSeek-R1's four stages from the pretrained base (--init_from, default
+    out_dir/base.pt), each in out_dir/r1/<stage>/; each RL stage runs r1_grpo_steps GRPO steps."""
+    base, _ = load_stage_model(cfg, device, "base.pt")
+    stages = []
+    # 1) cold start: SFT on worked solutions, so that RL starts from a model that already thinks
+    sub, t0 = stage_cfg(cfg, "r1", "cold_start_sft"), time.time()
+    model, records = copy.deepcopy(base), worked_solutions(cfg.cold_start, cfg.seed)
+    write_jsonl(os.path.join(sub.out_dir, "cold_start.jsonl"), records)
+    fine_tune(sub, model, records, device, "cold_start_sft")
+    stages.append(finish_stage(sub, "cold_start_sft", time.time() - t0, model, tests, device, examples=len(records)))
+    # 2) and 4) RL: GRPO against the frozen stage's starting model, as in R1-Zero
+    def rl(name, model):
+        sub, t0 = stage_cfg(cfg, "r1", name, grpo_steps=cfg.r1_grpo_steps), time.time()
+        grpo(sub, model, copy.deepcopy(model), device, 0, 1, tests, [])
+        stages.append(finish_stage(sub, name, time.time() - t0, model, tests, device, steps=cfg.r1_grpo_steps))
+    rl("reasoning_rl", model)
+    # 3) rejection sampling from the RL model; SFT of the base on the traces (R1 fine-tunes V3-Base)
+    sub, t0 = stage_cfg(cfg, "r1", "rejection_sft"), time.time()
+    traces = rejection_sample(cfg, model, fresh_problems(cfg, "r1-rejection", cfg.rs_prompts), cfg.rs_samples,
+                              device, cfg.seed, os.path.join(sub.out_dir, "traces.jsonl"))
+    model = copy.deepcopy(base)
+    fine_tune(sub, model, traces, device, "rejection_sft")
+    stages.append(finish_stage(sub, "rejection_sft", time.time() - t0, model, tests, device,
+                               samples=cfg.rs_prompts * cfg.rs_samples, examples=len(traces)))
+    rl("final_rl", model)
+    return stages, {}
+
+
+def run_distill(cfg: Config, device, tests: dict):
+    """--stage distill, R1 sec 4.1 in miniature: one small student, from its own pretrained base,
+    (a) trained with GRPO, and (b) fine-tuned on the teacher's rejection-sampled traces, at equal
+    wall time: (a) runs as many GRPO steps as fit in the time (b) took to sample its traces and
+    fine-tune (the teacher's own training is not counted, as in the paper). Teacher: --init_from,
+    default out_dir/final.pt. Everything is written into out_dir/distill/<stage>/."""
+    teacher, teacher_path = load_stage_model(cfg, device, "final.pt")
+    torch.manual_seed(cfg.seed)
+    base = Transformer(student_config(teacher.cfg, cfg.student_dim, cfg.student_layers)).to(device)
+    print0(f"student: {base.num_params() / 1e6:.2f}M params ({base.num_params(active=True) / 1e6:.2f}M active), "
+           f"teacher {teacher.num_params() / 1e6:.2f}M")
+    stages = []
+    # the student's base: pretrain() on the teacher's corpus, for student_pretrain_steps
+    sub, t0 = stage_cfg(cfg, "distill", "student_base", pretrain_steps=cfg.student_pretrain_steps), time.time()
+    pretrain(sub, base, device, 0, 1, tests)
+    stages.append(finish_stage(sub, "student_pretrain", time.time() - t0, base, tests, device))
+    # (b) distillation: the teacher's traces for fresh training problems, then SFT of the student
+    sub, t0 = stage_cfg(cfg, "distill", "teacher_traces"), time.time()
+    traces = rejection_sample(cfg, teacher, fresh_problems(cfg, "distill-rejection", cfg.rs_prompts), cfg.rs_samples,
+                              device, cfg.seed, os.path.join(sub.out_dir, "traces.jsonl"))
+    t_traces = time.time() - t0
+    stages.append(finish_stage(sub, "teacher_traces", t_traces, teacher, tests, device, save=False,
+                               samples=cfg.rs_prompts * cfg.rs_samples, kept=len(traces)))
+    sub, t0 = stage_cfg(cfg, "distill", "student_distilled"), time.time()
+    distilled = fine_tune(sub, copy.deepcopy(base), traces, device, "student_sft")
+    t_sft = time.time() - t0
+    stages.append(finish_stage(sub, "student_sft", t_sft, distilled, tests, device, examples=len(traces)))
+    # (a) RL alone, from the same base, for the same wall time (no evaluations inside it)
+    budget = 0 if cfg.student_grpo_steps else t_traces + t_sft
+    sub = stage_cfg(cfg, "distill", "student_rl", grpo_steps=cfg.student_grpo_steps or cfg.grpo_steps,
+                    grpo_eval_every=0)
+    rl, history = copy.deepcopy(base), []
+    grpo(sub, rl, copy.deepcopy(base), device, 0, 1, tests, history, max_seconds=budget)
+    t_rl = sum(h["t_gen"] + h["t_update"] for h in history)                  # its steps' own time
+    stages.append(finish_stage(sub, "student_grpo", t_rl, rl, tests, device, steps=len(history)))
+    by_name = {s["name"]: s for s in stages}
+    result = {"student_rl": by_name["student_grpo"]["heldout"], "student_distilled": by_name["student_sft"]["heldout"],
+              "teacher": by_name["teacher_traces"]["heldout"], "student_base": by_name["student_pretrain"]["heldout"],
+              "student_params": base.num_params(), "teacher_params": teacher.num_params(),
+              "student_rl_seconds": t_rl, "student_rl_steps": len(history),
+              "student_distilled_seconds": t_traces + t_sft, "traces": len(traces), "teacher_checkpoint": teacher_path}
+    acc = lambda levels: levels["overall"]["accuracy"]
+    print0(f"\nstudent ({result['student_params'] / 1e6:.2f}M params, teacher {result['teacher_params'] / 1e6:.2f}M), "
+           f"held-out accuracy: base {acc(result['student_base']):.2f} | RL {acc(result['student_rl']):.2f} "
+           f"({len(history)} GRPO steps, {fmt_time(t_rl)}) | distilled {acc(result['student_distilled']):.2f} "
+           f"({len(traces)} traces, {fmt_time(t_traces + t_sft)}) | teacher {acc(result['teacher']):.2f}")
+    return stages, {"distill": result}
 
 
 # -----------------------------------------------------------------------------
@@ -1047,12 +1412,43 @@ def levels_summary(res: dict) -> dict:
             for k, v in res.items()}
 
 
+def stages_table(stages: list) -> str:
+    """Held-out greedy accuracy per level after each stage, then think rate and length overall."""
+    levels = list(stages[0]["heldout"])
+    lines = [f"{'stage':<17} {'wall':>6} " + " ".join(f"{k:>7}" for k in levels) + f" {'think':>6} {'len':>6}"]
+    for s in stages:
+        h = s["heldout"]
+        lines.append(f"{s['name']:<17} {fmt_time(s['wall_seconds']):>6} " +
+                     " ".join(f"{h[k]['accuracy']:7.2f}" for k in levels) +
+                     f" {h['overall']['think_rate']:6.2f} {h['overall']['mean_length']:6.1f}")
+    return "\n".join(lines)
+
+
+def merge_summary(cfg: Config, pipeline: str, stages: list, **extra):
+    """Merge an R1-recipe stage's results into out_dir/summary.json, keeping what other runs wrote
+    there (the R1-Zero run's base and final, other stages'): its stages replace its earlier ones."""
+    path = os.path.join(cfg.out_dir, "summary.json")
+    summary = {}
+    if os.path.exists(path):
+        with contextlib.suppress(ValueError, OSError):
+            summary = json.load(open(path))
+        if not isinstance(summary, dict) or not isinstance(summary.get("stages", []), list):
+            print0(f"warning: {path} is not a nanor1 summary; writing a new one")
+            summary = {}
+    stages = [{"name": s["name"], "pipeline": pipeline, **s} for s in stages]
+    summary["stages"] = [s for s in summary.get("stages", []) if s.get("pipeline") != pipeline] + stages
+    summary.update(extra)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
-    RUN["argv"] = argv if cfg.resume else argv + ["--resume"]
+    RUN["argv"] = None if cfg.stage in RECIPE_STAGES else argv if cfg.resume else argv + ["--resume"]
     rank, world, device = setup(cfg)
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1069,6 +1465,15 @@ def main(argv=None):
     tests = test_set(cfg.n_test)
     ctx = autocast(cfg, device)
     wall, t0 = {}, time.time()
+    if cfg.stage in RECIPE_STAGES:   # the rest of the R1 recipe, in one process (see validate)
+        print0(f"nanor1 | stage {cfg.stage} | device {device} | seed {cfg.seed} | out {cfg.out_dir}/{cfg.stage}/")
+        run = {"sft": run_sft, "rejection": run_rejection, "distill": run_distill, "r1": run_r1}[cfg.stage]
+        stages, extra = run(cfg, device, tests)
+        merge_summary(cfg, cfg.stage, stages, **extra)
+        print0("\n" + stages_table(stages))
+        print0(f"\nwall time {fmt_time(time.time() - t0)} | wrote {cfg.out_dir}/{cfg.stage}/, "
+               f"{cfg.out_dir}/summary.json")
+        return
     if rank == 0 and resume:
         truncate_metrics(cfg, resume["stage"], resume["step"])
     elif rank == 0 and cfg.stage in ("all", "pretrain") and os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):
