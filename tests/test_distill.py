@@ -178,6 +178,7 @@ def test_sft_learns_the_completions_and_not_the_prompt(tmp_path):
 # -----------------------------------------------------------------------------
 # Rejection sampling
 
+@pytest.mark.rewards
 def test_rejection_sampling_keeps_exactly_the_right_well_formed_distinct_samples(tmp_path, monkeypatch):
     rng = random.Random("rejection-test")
     problems = [next(data.training_problems(random.Random(i))) for i in range(5)]
