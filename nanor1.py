@@ -73,9 +73,10 @@ class Config:
     resume: bool = False          # continue the run saved in out_dir/ckpt.pt (same flags; killed or stopped)
     # data
     think_frac: float = 0.4       # share of pretraining documents written as worked solutions (< 0.5: the base rarely thinks greedily)
+    level_weights: str = "1,1,1,2"  # pretraining mix of add2,add3,mul,multi (multi's third step is the hardest to learn)
     n_test: int = 200             # held-out problems per level
     # pretraining
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 1800
     batch_size: int = 32          # rows per step (global, across ranks and accumulation)
     block_size: int = 128         # tokens per row, packed with whole documents
     grad_accum: int = 1           # micro-steps per step (divided among ranks)
@@ -88,7 +89,7 @@ class Config:
     eval_every: int = 500         # quick held-out eval during pretraining (0 = never)
     ckpt_every: int = 250         # write out_dir/ckpt.pt every N pretraining steps (and at the end)
     # GRPO
-    grpo_steps: int = 100
+    grpo_steps: int = 40
     prompts_per_step: int = 16    # global, across ranks
     group_size: int = 8           # G completions per prompt
     max_new_tokens: int = 128
@@ -187,6 +188,7 @@ def validate(cfg: Config):
     need(cfg.agg in ("seq", "token", "constant"), "agg", "must be seq, token or constant")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
     need(0.0 <= cfg.think_frac <= 1.0, "think_frac", "must be in [0, 1]")
+    level_weights(cfg)
     for name in ("batch_size", "block_size", "grad_accum", "prompts_per_step", "max_new_tokens", "mu",
                  "n_test", "grpo_eval_n", "eval_batch", "log_every"):
         need(getattr(cfg, name) > 0, name, "must be > 0")
@@ -519,7 +521,7 @@ def pretrain_batches(cfg: Config, rng: random.Random, rows: int):
     each row takes, first fit, documents from a small queue, so every generated document is used and
     the row's padded tail is short. Targets are the next tokens, -1 on padding (ignored by the loss).
     """
-    problems, queue, T = training_problems(rng), [], cfg.block_size + 1
+    problems, queue, T = training_problems(rng, weights=level_weights(cfg)), [], cfg.block_size + 1
     while True:
         xs, ys = [], []
         for _ in range(rows):
@@ -539,6 +541,18 @@ def pretrain_batches(cfg: Config, rng: random.Random, rows: int):
             xs.append(row[:-1] + [EOT] * (T - len(row)))
             ys.append(row[1:] + [-1] * (T - len(row)))
         yield torch.tensor(xs), torch.tensor(ys)
+
+
+def level_weights(cfg: Config) -> list:
+    """--level_weights "1,1,1,2" -> [1.0, 1.0, 1.0, 2.0], one per level of LEVELS."""
+    try:
+        w = [float(x) for x in cfg.level_weights.split(",")]
+    except ValueError:
+        w = []
+    if len(w) != len(LEVELS) or not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"--level_weights={cfg.level_weights!r}: must be {len(LEVELS)} comma-separated "
+                         f"numbers >= 0, not all 0 (one per level: {','.join(LEVELS)})")
+    return w
 
 
 def lr_at(step: int, total: int, cfg: Config, base_lr: float) -> float:
@@ -605,7 +619,8 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
     flops_tok, peak = model.flops_per_token(cfg.block_size), peak_flops(device)
     tokens_per_step = cfg.batch_size * cfg.block_size
     print0(f"pretraining: {model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M active), "
-           f"{cfg.pretrain_steps} steps x {tokens_per_step} tokens, think_frac {cfg.think_frac}")
+           f"{cfg.pretrain_steps} steps x {tokens_per_step} tokens, think_frac {cfg.think_frac}, "
+           f"levels {cfg.level_weights} ({','.join(LEVELS)})")
     t_start, t_last, step_last, losses = time.time(), time.time(), start, []
     RUN["in_loop"] = True
     for step in range(start, cfg.pretrain_steps):

@@ -132,10 +132,12 @@ def make_problem(level: str, rng: random.Random) -> Problem:
         return Problem(level, text, answer, solution)
 
 
-def training_problems(rng: random.Random, levels=LEVELS):
-    """Endless stream of training problems, levels drawn uniformly, held-out problems skipped."""
+def training_problems(rng: random.Random, levels=LEVELS, weights=None):
+    """Endless stream of training problems, held-out problems skipped; levels drawn uniformly, or in
+    proportion to weights (one per level)."""
     while True:
-        p = make_problem(rng.choice(levels), rng)
+        level = rng.choice(levels) if weights is None else rng.choices(levels, weights)[0]
+        p = make_problem(level, rng)
         if not is_heldout(p.text):
             yield p
 

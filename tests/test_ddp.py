@@ -26,13 +26,12 @@ import torch
 import data
 import moe
 import nanor1
+from marks import ALL, GRPO, MODEL, needs
 from nanor1 import enc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 TIMEOUT = 180   # seconds for a 2-process job; a DDP hang shows up as this timeout
-MODEL_ASSIGNMENTS = [pytest.mark.rmsnorm_rope, pytest.mark.gate, pytest.mark.balance]
-GRPO_ASSIGNMENTS = MODEL_ASSIGNMENTS + [pytest.mark.advantages, pytest.mark.grpo_loss, pytest.mark.rewards]
 
 
 def tiny_config(out_dir, **kw):
@@ -196,9 +195,7 @@ def pretrain_job(tmp_path_factory):
 
 
 @pytest.mark.parametrize("scenario", ["real", "idle"])
-@pytest.mark.rmsnorm_rope
-@pytest.mark.gate
-@pytest.mark.balance
+@needs(*MODEL)
 def test_two_ranks_pretrain_like_one_process_with_the_same_global_batch(pretrain_job, scenario):
     job, single, routes = pretrain_job
     ranks = ranks_or_fail(job)
@@ -209,9 +206,7 @@ def test_two_ranks_pretrain_like_one_process_with_the_same_global_batch(pretrain
     assert biases and any(single[scenario][k].abs().max() > 0 for k in biases), "router biases never moved"
 
 
-@pytest.mark.rmsnorm_rope
-@pytest.mark.gate
-@pytest.mark.balance
+@needs(*MODEL)
 def test_parameters_and_router_biases_are_identical_on_every_rank(pretrain_job):
     ranks = ranks_or_fail(pretrain_job[0])
     for scenario in ranks[0]:
@@ -298,12 +293,7 @@ def grpo_job(tmp_path_factory):
 
 
 @pytest.mark.parametrize("scenario", list(GRPO_SCENARIOS))
-@pytest.mark.rmsnorm_rope
-@pytest.mark.gate
-@pytest.mark.balance
-@pytest.mark.advantages
-@pytest.mark.grpo_loss
-@pytest.mark.rewards
+@needs(*GRPO)
 def test_grpo_on_two_ranks_gives_the_same_loss_and_gradients_as_one_process(grpo_job, scenario):
     job, single = grpo_job
     ranks = ranks_or_fail(job)
@@ -380,13 +370,7 @@ TINY_FLAGS = ["--dim", "32", "--inter_dim", "64", "--moe_inter_dim", "32", "--n_
 
 
 @pytest.mark.slow
-@pytest.mark.rmsnorm_rope
-@pytest.mark.mla_absorb
-@pytest.mark.gate
-@pytest.mark.balance
-@pytest.mark.advantages
-@pytest.mark.grpo_loss
-@pytest.mark.rewards
+@needs(*ALL)
 def test_the_pipeline_under_torchrun_writes_its_outputs_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

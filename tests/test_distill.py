@@ -13,18 +13,8 @@ import torch.nn.functional as F
 import data
 import moe
 import nanor1
+from marks import ALL, GRPO, MODEL, needs
 from nanor1 import EOT, enc, encode
-
-ALL_ASSIGNMENTS = [pytest.mark.rmsnorm_rope, pytest.mark.gate, pytest.mark.balance, pytest.mark.mla_absorb,
-                   pytest.mark.advantages, pytest.mark.grpo_loss, pytest.mark.rewards]
-
-
-def with_all_assignments(f):
-    """The marks of every classroom assignment: these tests run whole pipelines."""
-    for m in ALL_ASSIGNMENTS:
-        f = m(f)
-    return f
-
 
 TINY = dict(dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
             qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, n_activated_experts=2)
@@ -146,9 +136,7 @@ def test_sft_loss_is_the_mean_nll_of_completion_tokens_and_ignores_the_prompts()
         pytest.approx(loss.item(), rel=1e-6)
 
 
-@pytest.mark.rmsnorm_rope
-@pytest.mark.gate
-@pytest.mark.balance
+@needs(*MODEL)
 def test_sft_learns_the_completions_and_not_the_prompt(tmp_path):
     """Every example shares one prompt: training on it too would make it easy to predict. sft() must
     leave it as surprising as before (or more) while the completions become near certain."""
@@ -243,7 +231,7 @@ def test_the_default_student_is_about_a_quarter_of_the_teacher():
     assert fewer.n_layers == 2 and fewer.n_dense_layers <= 2 and fewer.qk_rope_head_dim % 2 == 0
 
 
-@with_all_assignments
+@needs(*ALL)
 def test_grpo_stops_after_the_step_that_reaches_max_seconds(tmp_path):
     model = tiny_model()
     ref = tiny_model()
@@ -266,7 +254,7 @@ def save_tiny(path, seed=0):
     return model
 
 
-@with_all_assignments
+@needs(*ALL)
 def test_a_tiny_distill_run_writes_the_experiment_into_the_summary(tmp_path, monkeypatch):
     teacher = save_tiny(tmp_path / "final.pt")
     # the teacher (the only model of width 32) answers every problem right, with a thought; the
@@ -309,12 +297,7 @@ def test_a_tiny_distill_run_writes_the_experiment_into_the_summary(tmp_path, mon
         assert right_and_well_formed(t["completion"], answer_of(t["problem"])) and not data.is_heldout(t["problem"])
 
 
-@pytest.mark.rmsnorm_rope
-@pytest.mark.gate
-@pytest.mark.balance
-@pytest.mark.advantages
-@pytest.mark.grpo_loss
-@pytest.mark.rewards
+@needs(*GRPO)
 def test_a_tiny_r1_run_has_its_four_stages_in_the_summary(tmp_path, monkeypatch):
     base = save_tiny(tmp_path / "base.pt")
     # every model answers half its rows right (even rows) and half wrong: GRPO has something to learn

@@ -24,21 +24,11 @@ from hypothesis import strategies as st
 import data
 import moe
 import nanor1
+from marks import ALL, needs
 from nanor1 import accuracy_reward, enc, format_reward, parse_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-ALL_ASSIGNMENTS = [pytest.mark.rmsnorm_rope, pytest.mark.gate, pytest.mark.balance, pytest.mark.mla_absorb,
-                   pytest.mark.advantages, pytest.mark.grpo_loss, pytest.mark.rewards]
-
-
-def with_all_assignments(f):
-    """The marks of every classroom assignment: these tests run the whole pipeline."""
-    for m in ALL_ASSIGNMENTS:
-        f = m(f)
-    return f
-
-
 TINY_MODEL = ["--dim", "32", "--inter_dim", "64", "--moe_inter_dim", "32", "--n_layers", "2", "--n_heads", "2",
               "--kv_lora_rank", "16", "--qk_nope_head_dim", "8", "--qk_rope_head_dim", "8", "--v_head_dim", "8",
               "--n_routed_experts", "4", "--n_activated_experts", "2"]
@@ -245,7 +235,7 @@ def test_a_nan_loss_in_pretraining_stops_at_its_step_and_keeps_the_last_checkpoi
         assert torch.isfinite(v).all() and torch.equal(v, ckpt["model"][k]), k
 
 
-@with_all_assignments
+@needs(*ALL)
 def test_a_nan_reward_in_grpo_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = moe.Transformer(tiny_model_config())
@@ -316,7 +306,7 @@ def assert_same_run(ref_dir, d):
 
 
 @pytest.mark.slow
-@with_all_assignments
+@needs(*ALL)
 def test_killed_and_interrupted_runs_resume_to_the_same_weights(tmp_path):
     """One run stopped three times: SIGKILL at a random moment in pretraining, SIGKILL at a random
     moment in GRPO, Ctrl-C later in GRPO (exit 130, a checkpoint, the resume command printed), each
