@@ -3,7 +3,7 @@ nanor1: DeepSeek-R1-Zero in miniature. A tiny DeepSeek-V3 (MLA + DeepSeekMoE, se
 pretrained from scratch on arithmetic, then trained with GRPO on verifiable rewards until it
 learns, by itself, to think step by step before it answers.
 
-    python nanor1.py                              # everything, on a 2-core CPU (~13 min)
+    python nanor1.py                              # everything, on a 2-core CPU (~11 min)
     python nanor1.py --stage grpo                 # one stage alone, from out/base.pt
     python nanor1.py --stage eval --init_from out/final.pt
     python nanor1.py ... --resume                 # continue a killed or stopped run (same flags)
@@ -27,7 +27,7 @@ Where nanor1 departs from DeepSeek-R1-Zero, and why:
   4. Rewards are rule-based exactly as in R1-Zero (accuracy + format); no neural reward model.
   5. GRPO as in DeepSeekMath: group-normalised advantages, PPO clipping, k3 KL to the frozen base.
      Dr. GRPO and DAPO variants are flags (--scale_by_std, --agg, --clip_high, --drop_zero_std).
-  6. Everything is tiny: ~1.9M parameters (1.0M active), groups of 8, 100 RL steps.
+  6. Everything is tiny: ~1.9M parameters (1.0M active), groups of 8, 40 RL steps.
   7. DeepSeek-R1's multi-stage recipe (--stage r1) and its distillation (--stage distill) are here in
      miniature, simplified as said in their section: generated cold-start data, reasoning data only.
 """
