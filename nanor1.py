@@ -120,7 +120,7 @@ class Config:
     r1_grpo_steps: int = 50       # GRPO steps in each of --stage r1's two RL stages
     student_dim: int = 64         # the student's width; all its widths are the teacher's scaled by student_dim / dim
     student_layers: int = 0       # the student's layers (0 = as many as the teacher)
-    student_pretrain_steps: int = 1500  # the student's pretraining steps (pretrain() on the teacher's corpus)
+    student_pretrain_steps: int = 1800  # the student's pretraining steps (pretrain() on the teacher's corpus)
     student_grpo_steps: int = 0   # GRPO steps of the RL-only student (0 = as many as fit in the distilled one's time)
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -1322,7 +1322,7 @@ def run_distill(cfg: Config, device, tests: dict):
     stages.append(finish_stage(sub, "student_sft", t_sft, distilled, tests, device, examples=len(traces)))
     # (a) RL alone, from the same base, for the same wall time (no evaluations inside it)
     budget = 0 if cfg.student_grpo_steps else t_traces + t_sft
-    sub = stage_cfg(cfg, "distill", "student_rl", grpo_steps=cfg.student_grpo_steps or cfg.grpo_steps,
+    sub = stage_cfg(cfg, "distill", "student_rl", grpo_steps=cfg.student_grpo_steps or 100_000,  # the budget stops it
                     grpo_eval_every=0)
     rl, history = copy.deepcopy(base), []
     grpo(sub, rl, copy.deepcopy(base), device, 0, 1, tests, history, max_seconds=budget)
