@@ -922,8 +922,8 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
     ddp = wrap_ddp(model, device)
     ref.eval().requires_grad_(False)
     ctx = autocast(cfg, device)
-    budget = f", or fewer: stops after {max_seconds:.0f}s of wall time" if max_seconds else ""
-    print0(f"GRPO: {cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={G}, lr {cfg.grpo_lr}, "
+    budget = f", stopping after {max_seconds:.0f}s of wall time" if max_seconds else ""
+    print0(f"GRPO: {'up to ' if max_seconds else ''}{cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={G}, lr {cfg.grpo_lr}, "
            f"beta {cfg.beta}, clip [{1 - cfg.clip_low:.2f}, {1 + cfg.clip_high:.2f}], agg {cfg.agg}{budget}")
     t_start = time.time()
     RUN["in_loop"] = True
@@ -1005,7 +1005,8 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
         last = step + 1 == cfg.grpo_steps or 0 < max_seconds <= elapsed
         eta = 0 if last else elapsed / (step + 1 - start) * (cfg.grpo_steps - step - 1)
         eta = min(eta, max(0, max_seconds - elapsed)) if max_seconds else eta
-        print0(f"grpo {step + 1:03d}/{cfg.grpo_steps} | reward {rec['reward']:.2f} (acc {rec['acc']:.2f} "
+        of = f"{elapsed:.0f}s/{max_seconds:.0f}s" if max_seconds else f"{cfg.grpo_steps}"
+        print0(f"grpo {step + 1:03d}/{of} | reward {rec['reward']:.2f} (acc {rec['acc']:.2f} "
                f"fmt {rec['fmt']:.2f}) | len {rec['length']:5.1f} | think {rec['think']:.2f} | kl {rec['kl']:.3f} | "
                f"clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | zero-std {rec['zero_std']:.2f} | "
                f"trunc {rec['truncated']:.2f} | gen {t_gen:.1f}s train {t_upd:.1f}s | eta {fmt_time(eta)}")
