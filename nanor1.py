@@ -7,7 +7,7 @@ learns, by itself, to think step by step before it answers.
     python nanor1.py --stage grpo                 # one stage alone, from out/base.pt
     python nanor1.py --stage eval --init_from out/final.pt
     python nanor1.py ... --resume                 # continue a killed or stopped run (same flags)
-    python nanor1.py --stage r1                   # the R1 recipe from out/base.pt: SFT, RL, SFT, RL (~7 min)
+    python nanor1.py --stage r1                   # the R1 recipe from out/base.pt: SFT, RL, SFT, RL (~6 min)
     python nanor1.py --stage distill              # a 4x smaller student: RL vs distilled from out/final.pt (~6 min)
     torchrun --standalone --nproc_per_node=8 nanor1.py --dim 256 ...   # many GPUs (see train.sh)
     python nanor1.py --help                       # every setting, with its default

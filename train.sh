@@ -4,7 +4,7 @@
 #   bash train.sh                        # the GPU preset below, torchrun on all visible GPUs
 #   NPROC=4 bash train.sh                # on 4 of them
 #   bash train.sh --grpo_steps 500       # any nanor1.py flag passes through and overrides the preset
-#   bash train.sh cpu                    # the CPU default instead: python nanor1.py (~15 min, 1.9M params)
+#   bash train.sh cpu                    # the CPU default instead: python nanor1.py (~11 min, 1.9M params)
 #
 # What it trains: a DeepSeek-V3-style model of 41M parameters, 12.4M active per token (width 384,
 # 8 layers of which the first is dense, 6 heads, a 128-wide KV latent; 16 routed experts of width
