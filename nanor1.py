@@ -3,7 +3,7 @@ nanor1: DeepSeek-R1-Zero in miniature. A tiny DeepSeek-V3 (MLA + DeepSeekMoE, se
 pretrained from scratch on arithmetic, then trained with GRPO on verifiable rewards until it
 learns, by itself, to think step by step before it answers.
 
-    python nanor1.py                              # everything, on a 2-core CPU (~11 min)
+    python nanor1.py                              # everything, on a 2-core CPU (11-14 min)
     python nanor1.py --stage grpo                 # one stage alone, from out/base.pt
     python nanor1.py --stage eval --init_from out/final.pt
     python nanor1.py ... --resume                 # continue a killed or stopped run (same flags)
@@ -516,8 +516,9 @@ def pretrain_batches(cfg: Config, rng: random.Random, rows: int):
     """Endless (x, y) batches: `rows` rows of block_size tokens, each packed with whole documents.
 
     A row is end-of-text, then documents each followed by end-of-text (so the model learns to stop,
-    and every document starts after an end-of-text as prompts do). A document is a problem with its
-    direct answer, or (with probability think_frac) its worked solution. Documents are never split:
+    and every document starts after an end-of-text as prompts do). A document is a problem (levels
+    mixed by --level_weights) with its direct answer, or (with probability think_frac) its worked
+    solution. Documents are never split:
     each row takes, first fit, documents from a small queue, so every generated document is used and
     the row's padded tail is short. Targets are the next tokens, -1 on padding (ignored by the loss).
     """
