@@ -519,7 +519,8 @@ def pretrain_batches(cfg: Config, rng: random.Random, rows: int):
     and every document starts after an end-of-text as prompts do). A document is a problem (levels
     mixed by --level_weights) with its direct answer, or (with probability think_frac) its worked
     solution. Documents are never split: each row takes, first fit, documents from a small queue, so
-    every generated document is used and the row's padded tail is short. Targets are the next tokens, -1 on padding (ignored by the loss).
+    every generated document is used and the row's padded tail is short. Targets are the next
+    tokens, -1 on padding (ignored by the loss).
     """
     problems, queue, T = training_problems(rng, weights=level_weights(cfg)), [], cfg.block_size + 1
     while True:
