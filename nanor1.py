@@ -73,7 +73,7 @@ class Config:
     resume: bool = False          # continue the run saved in out_dir/ckpt.pt (same flags; killed or stopped)
     # data
     think_frac: float = 0.4       # share of pretraining documents written as worked solutions (< 0.5: the base rarely thinks greedily)
-    level_weights: str = "1,1,1,2"  # pretraining mix of add2,add3,mul,multi (multi's third step is the hardest to learn)
+    level_weights: str = "1,1,1,2"  # pretraining mix of add2,add3,mul,multi (multi's third step is hardest)
     n_test: int = 200             # held-out problems per level
     # pretraining
     pretrain_steps: int = 1800
@@ -924,8 +924,8 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
     ref.eval().requires_grad_(False)
     ctx = autocast(cfg, device)
     budget = f", stopping after {max_seconds:.0f}s of wall time" if max_seconds else ""
-    print0(f"GRPO: {'up to ' if max_seconds else ''}{cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={G}, lr {cfg.grpo_lr}, "
-           f"beta {cfg.beta}, clip [{1 - cfg.clip_low:.2f}, {1 + cfg.clip_high:.2f}], agg {cfg.agg}{budget}")
+    print0(f"GRPO: {'up to ' if max_seconds else ''}{cfg.grpo_steps} steps x {cfg.prompts_per_step} prompts x G={G}, "
+           f"lr {cfg.grpo_lr}, beta {cfg.beta}, clip [{1 - cfg.clip_low:.2f}, {1 + cfg.clip_high:.2f}], agg {cfg.agg}{budget}")
     t_start = time.time()
     RUN["in_loop"] = True
     for step in range(start, cfg.grpo_steps):
