@@ -503,6 +503,19 @@ def check_finite(cfg: Config, stage: str, step: int, total: int, loss: float, gr
                          f"{grad_norm:.4g}): stopped before the update; {kept}. Try a lower {lr_flag}")
 
 
+def optimizer_step(cfg: Config, model, opt, lr: float, loss: float, stage: str, step: int, total: int,
+                   lr_flag: str) -> torch.Tensor:
+    """One update, the same in every stage: clip the gradient norm, stop on a non-finite loss or
+    gradient, AdamW at lr, then the router bias update -> the expert loads it used."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    check_finite(cfg, stage, step, total, loss, norm.item(), lr_flag)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.update_router_biases()
+
+
 def log_metrics(cfg, record: dict):
     if int(os.environ.get("RANK", 0)) == 0:
         with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
@@ -626,8 +639,6 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
     RUN["in_loop"] = True
     for step in range(start, cfg.pretrain_steps):
         lr = lr_at(step, cfg.pretrain_steps, cfg, cfg.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
         for micro in range(accum):
             x, y = (t.to(device) for t in batch(step, micro))
             sync = micro == accum - 1 or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
@@ -637,11 +648,8 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
                     loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
                 ((loss + aux) / accum).backward()
             losses.append(loss.item())
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        check_finite(cfg, "pretrain", step + 1, cfg.pretrain_steps, sum(losses[-accum:]), norm.item(), "--lr")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loads = model.update_router_biases()
+        loads = optimizer_step(cfg, model, opt, lr, sum(losses[-accum:]), "pretrain", step + 1, cfg.pretrain_steps,
+                               "--lr")
         if (step + 1) % cfg.log_every == 0 or step == cfg.pretrain_steps - 1:
             dt = (time.time() - t_last) / (step + 1 - step_last)   # seconds per step since the last line
             t_last, step_last = time.time(), step + 1
@@ -975,19 +983,14 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
                 ref_logp = sequence_logprobs(ref, tokens, key_mask, P, ctx)[0] if cfg.beta else None
                 old_logp = sequence_logprobs(model, tokens, key_mask, P, ctx)[0] if cfg.mu > 1 else None
             model.train(share_rows > 0)
-            for g in opt.param_groups:
-                g["lr"] = cfg.grpo_lr
             for _ in range(cfg.mu):
                 logp, ent, aux = sequence_logprobs(ddp, tokens, key_mask, P, ctx)
                 loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, adv, mask,
                                         cfg.clip_low, cfg.clip_high, cfg.beta, cfg.agg, cfg.max_new_tokens)
                 loss = loss * (share_tok if cfg.agg == "token" else share_rows)
                 (loss + aux * share_rows).backward()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                check_finite(cfg, "grpo", step + 1, cfg.grpo_steps, loss.item(), norm.item(), "--grpo_lr")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                loads = model.update_router_biases()
+                loads = optimizer_step(cfg, model, opt, cfg.grpo_lr, loss.item(), "grpo", step + 1, cfg.grpo_steps,
+                                       "--grpo_lr")
                 stats["loss"] = loss.item()
             entropy = masked_mean(ent.detach(), mask).item()
             # per-token means, weighted by this rank's share of the kept tokens for the average below
@@ -1105,16 +1108,10 @@ def sft(cfg: Config, model: Transformer, examples: list, steps: int, lr: float, 
             order += perm
         batch, order = [examples[i] for i in order[:cfg.sft_batch]], order[cfg.sft_batch:]
         lr_now = lr_at(step, steps, schedule, lr)
-        for g in opt.param_groups:
-            g["lr"] = lr_now
         x, y = (t.to(device) for t in sft_batch(batch))
         loss, aux = sft_loss(model, x, y, ctx)
         (loss + aux).backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        check_finite(cfg, name, step + 1, steps, loss.item(), norm.item(), "--sft_lr")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_router_biases()
+        optimizer_step(cfg, model, opt, lr_now, loss.item(), name, step + 1, steps, "--sft_lr")
         losses.append(loss.item())
         if (step + 1) % every == 0 or step + 1 == steps:
             dt = (time.time() - t_last) / len(losses)
