@@ -148,15 +148,19 @@ class KVCache:
         B, L, H = batch_size, cfg.n_layers, cfg.n_heads
         new = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)
         if kind == "absorb":
-            self.kv = [new(B, max_len, cfg.kv_lora_rank) for _ in range(L)]      # c_KV
-            self.pe = [new(B, max_len, cfg.qk_rope_head_dim) for _ in range(L)]  # k_R
+            # one buffer per layer: [c_KV ; k_R] is the single key every head attends with, and its
+            # first kv_lora_rank columns (c_KV) the single value: absorbed MLA is multi-query attention
+            dc = cfg.kv_lora_rank
+            self.latent = [new(B, max_len, dc + cfg.qk_rope_head_dim) for _ in range(L)]
+            self.kv = [t[..., :dc] for t in self.latent]                          # c_KV (views)
+            self.pe = [t[..., dc:] for t in self.latent]                          # k_R (views)
         else:
             self.k = [new(B, max_len, H, cfg.qk_head_dim) for _ in range(L)]
             self.v = [new(B, max_len, H, cfg.v_head_dim) for _ in range(L)]
         self.key_mask = torch.ones(B, max_len, dtype=torch.bool, device=device)
 
     def bytes_per_token(self) -> int:
-        tensors = (self.kv + self.pe) if self.kind == "absorb" else (self.k + self.v)
+        tensors = self.latent if self.kind == "absorb" else (self.k + self.v)
         return sum(t[0, 0].numel() * t.element_size() for t in tensors)
 
 
@@ -221,21 +225,23 @@ class MLA(nn.Module):
         """
         # BEGIN ASSIGNMENT mla_absorb
         cfg, (B, T) = self.cfg, q_nope.shape[:2]
-        H, dn, dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+        H, dn, dv, dc = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         end_pos = start_pos + T
-        wkv_b = self.wkv_b.weight.view(H, dn + dv, cfg.kv_lora_rank)        # (H, dn+dv, dc)
+        wkv_b = self.wkv_b.weight.view(H, dn + dv, dc)                       # (H, dn+dv, dc)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, :dn])        # (B, T, H, dc)
+        q = torch.cat([q_lat, q_rope], dim=-1).flatten(1, 2)                 # (B, T*H, dc+dr)
+        kv = torch.cat([c_kv, k_rope], dim=-1)                               # (B, T, dc+dr)
         if cache is not None:
-            cache.kv[layer][:B, start_pos:end_pos] = c_kv
-            cache.pe[layer][:B, start_pos:end_pos] = k_rope
-            c_kv, k_rope = cache.kv[layer][:B, :end_pos], cache.pe[layer][:B, :end_pos]
-        scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv) +
-                  torch.einsum("bthr,bsr->bhts", q_rope, k_rope)) * self.softmax_scale  # (B, H, T, S)
+            cache.latent[layer][:B, start_pos:end_pos] = kv
+            kv = cache.latent[layer][:B, :end_pos]                           # (B, S, dc+dr)
+        # q_lat . c_KV + q_rope . k_R in one product: every head shares the key [c_KV ; k_R]
+        scores = (q @ kv.transpose(1, 2)).view(B, T, H, end_pos) * self.softmax_scale
         if mask is None:  # plain causal from position 0
-            mask = torch.ones(T, end_pos, dtype=torch.bool, device=scores.device).tril(start_pos)
-        scores = scores.float().masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).type_as(q_lat)
-        out = torch.einsum("bhts,bsc->bthc", probs, c_kv)                      # (B, T, H, dc)
+            mask = torch.ones(T, end_pos, dtype=torch.bool, device=scores.device).tril(start_pos)[:, None]
+        else:
+            mask = mask.transpose(1, 2)                                         # (B, T, 1, S)
+        probs = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).type_as(q)
+        out = (probs.flatten(1, 2) @ kv[..., :dc]).view(B, T, H, dc)         # the values are c_KV
         return torch.einsum("bthc,hdc->bthd", out, wkv_b[:, dn:])             # (B, T, H, dv)
         # END ASSIGNMENT
 
