@@ -730,6 +730,15 @@ def left_pad(prompts: list, device):
 
 
 @torch.no_grad()
+def sample(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One token per row of probs (B, V): the first whose cumulative probability exceeds u * total,
+    with u uniform in [0, 1). Exact, and one random number per row where torch.multinomial draws
+    V of them (the largest cost of a decoding step after the model itself on a CPU)."""
+    cdf = probs.double().cumsum(-1)                                             # fp64: u * total < total
+    u = torch.rand(probs.size(0), 1, dtype=torch.float64, device=probs.device, generator=generator)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.size(-1) - 1).squeeze(1)
+
+
 def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, greedy: bool = False, generator=None, autocast_ctx=None):
     """Sample completions for a batch of token-list prompts.
@@ -754,7 +763,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature
                 if top_k:
                     kth = last.topk(min(top_k, last.size(-1))).values[:, -1:]
                     last = last.masked_fill(last < kth, float("-inf"))
-                nxt = torch.multinomial(last.softmax(-1), 1, generator=generator).squeeze(1)
+                nxt = sample(last.softmax(-1), generator)
             nxt = nxt.masked_fill(done, EOT)
             out[:, t] = nxt
             done |= nxt == EOT
