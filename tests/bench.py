@@ -20,7 +20,8 @@ train_vs_hf compares nanor1's real step (per-document mask) with HF's plain caus
 decode_vs_hf compares nanor1.generate (absorbed cache) with HF generate (its default cache).
 
 Every figure is the median over --reps rounds, and the cases of a section run round-robin within
-each round, so a slow spell of a shared machine hits them alike and their ratios stay fair.
+each round, so a slow spell of a shared machine hits them alike; every ratio is the median of the
+per-round ratios, so the spells divide out.
 """
 import argparse
 import contextlib
@@ -105,6 +106,12 @@ def rounds(cases: dict, reps: int, warmup: int = 1) -> dict:
 
 def med(xs):
     return statistics.median(xs)
+
+
+def paired(rates: dict, a: str, b: str) -> float:
+    """Median over rounds of rate[a] / rate[b]: each round ran both cases back to back, so a slow
+    spell of the machine divides out of the ratio (a ratio of medians would mix rounds)."""
+    return med([x / y for x, y in zip(rates[a], rates[b])])
 
 
 def spread(xs):
@@ -256,7 +263,7 @@ def decode(model, tokens, key_mask, new_tokens, kind, gen):
     """Sample new_tokens for every row after a left-padded prompt, never stopping early, so every
     kind does the same work. kind: absorb | naive (KVCache kinds) | nocache (recompute the prefix)."""
     B, P = tokens.shape
-    sample = lambda logits: torch.multinomial(logits[:, -1].float().softmax(-1), 1, generator=gen)  # (B, 1)
+    sample = lambda logits: nanor1.sample(logits[:, -1].float().softmax(-1), gen)[:, None]  # (B, 1), as generate
     if kind == "nocache":
         for _ in range(new_tokens):
             tokens = torch.cat([tokens, sample(model(tokens, key_mask=key_mask)[0])], 1)
@@ -328,16 +335,16 @@ def bench_train(a, res):
                            "dense_twin": dense_twin(model).num_params()}
     res["train_tok_s"] = tok_s["moe"]
     res["train_tok_s_by_case"] = tok_s
-    res["moe_vs_dense"] = tok_s["moe"] / tok_s["dense"]
-    res["doc_mask_vs_causal"] = tok_s["moe"] / tok_s["moe_causal"]
+    res["moe_vs_dense"] = paired(rates, "moe", "dense")
+    res["doc_mask_vs_causal"] = paired(rates, "moe", "moe_causal")
     if "peak_fp32" in res:
         res["train_mfu"] = flops * tok_s["moe"] / res["peak_fp32"]["best"]
         res["train_mfu_vs_median_peak"] = flops * tok_s["moe"] / res["peak_fp32"]["median"]
     if "moe_bf16" in tok_s and "peak_bf16" in res:
         res["train_mfu_bf16"] = flops * tok_s["moe_bf16"] / res["peak_bf16"]["best"]
     if "hf" in tok_s:
-        res["train_vs_hf"] = tok_s["moe"] / tok_s["hf"]
-        res["train_causal_vs_hf"] = tok_s["moe_causal"] / tok_s["hf"]
+        res["train_vs_hf"] = paired(rates, "moe", "hf")
+        res["train_causal_vs_hf"] = paired(rates, "moe_causal", "hf")
     print(f"train data        {res['train_data_ms_per_batch']:7.1f} ms per batch to make (outside the timings; "
           f"nanor1.pretrain makes it inside its step)")
     for k, v in rates.items():
@@ -383,15 +390,15 @@ def bench_decode(a, res):
     res["decode_tok_s_rounds"] = rates
     res["decode_tok_s"] = {k: tok_s[k] for k in ("absorb", "naive", "nocache")}
     res["generate_tok_s"] = tok_s["generate"]
-    res["decode_absorb_vs_nocache"] = tok_s["absorb"] / tok_s["nocache"]
-    res["decode_absorb_vs_naive"] = tok_s["absorb"] / tok_s["naive"]
+    res["decode_absorb_vs_nocache"] = paired(rates, "absorb", "nocache")
+    res["decode_absorb_vs_naive"] = paired(rates, "absorb", "naive")
     cb = cache_bytes(model.cfg, B, P + a.new_tokens)
     res["cache_bytes_per_token"] = cb["analytic"]
     res["cache_bytes_per_token_allocated"] = cb["allocated"]
     if "hf_generate" in tok_s:
         res["hf_generate_tok_s"] = tok_s["hf_generate"]
-        res["decode_vs_hf"] = tok_s["generate"] / tok_s["hf_generate"]
-        res["decode_absorb_vs_hf"] = tok_s["absorb"] / tok_s["hf_generate"]
+        res["decode_vs_hf"] = paired(rates, "generate", "hf_generate")
+        res["decode_absorb_vs_hf"] = paired(rates, "absorb", "hf_generate")
     for k, v in rates.items():
         bpt = f"  cache {cb['analytic'][k]:5d} B/token" if k in cb["analytic"] else ""
         print(f"decode {k:<11} {med(v) / 1e3:7.1f}k tok/s  (spread {100 * spread(v):3.0f}%){bpt}")
