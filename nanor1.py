@@ -729,7 +729,6 @@ def left_pad(prompts: list, device):
     return tokens.to(device), mask.to(device)
 
 
-@torch.no_grad()
 def sample(probs: torch.Tensor, generator=None) -> torch.Tensor:
     """One token per row of probs (B, V): the first whose cumulative probability exceeds u * total,
     with u uniform in [0, 1). Exact, and one random number per row where torch.multinomial draws
@@ -739,6 +738,7 @@ def sample(probs: torch.Tensor, generator=None) -> torch.Tensor:
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.size(-1) - 1).squeeze(1)
 
 
+@torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, greedy: bool = False, generator=None, autocast_ctx=None):
     """Sample completions for a batch of token-list prompts.

@@ -197,6 +197,17 @@ def test_sample_draws_each_token_with_its_probability():
         assert ((counts - n * p).abs() <= 5 * sd + 1e-9).all(), f"row {row}: {counts.tolist()} vs {(n * p).tolist()}"
 
 
+def test_generate_builds_no_autograd_graph():
+    """Rollouts run without autograd even when the caller has it on (GRPO calls generate between
+    updates): every forward inside generate sees grad mode off."""
+    model = tiny_model()
+    modes = []
+    model.register_forward_hook(lambda module, args, out: modes.append(torch.is_grad_enabled()))
+    assert torch.is_grad_enabled()
+    generate(model, prompts(), 4, generator=torch.Generator().manual_seed(0))
+    assert modes and not any(modes)
+
+
 def test_generate_leaves_the_model_mode_and_router_loads_alone():
     model = tiny_model()
     generate(model, prompts(), 5, greedy=True)
