@@ -237,7 +237,7 @@ class MLA(nn.Module):
         # q_lat . c_KV + q_rope . k_R in one product: every head shares the key [c_KV ; k_R]
         scores = (q @ kv.transpose(1, 2)).view(B, T, H, end_pos) * self.softmax_scale
         if mask is None:  # plain causal from position 0
-            mask = torch.ones(T, end_pos, dtype=torch.bool, device=scores.device).tril(start_pos)[:, None]
+            mask = torch.ones(T, end_pos, dtype=torch.bool, device=scores.device).tril(start_pos)[:, None]  # (T, 1, S)
         else:
             mask = mask.transpose(1, 2)                                         # (B, T, 1, S)
         probs = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).type_as(q)

@@ -337,6 +337,8 @@ def bench_train(a, res):
     res["train_tok_s_by_case"] = tok_s
     res["moe_vs_dense"] = paired(rates, "moe", "dense")
     res["doc_mask_vs_causal"] = paired(rates, "moe", "moe_causal")
+    if "moe_bf16" in rates:
+        res["bf16_vs_fp32"] = paired(rates, "moe_bf16", "moe")
     if "peak_fp32" in res:
         res["train_mfu"] = flops * tok_s["moe"] / res["peak_fp32"]["best"]
         res["train_mfu_vs_median_peak"] = flops * tok_s["moe"] / res["peak_fp32"]["median"]
