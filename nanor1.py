@@ -734,6 +734,8 @@ def sample(probs: torch.Tensor, generator=None) -> torch.Tensor:
     with u uniform in [0, 1). Exact, and one random number per row where torch.multinomial draws
     V of them (the largest cost of a decoding step after the model itself on a CPU)."""
     cdf = probs.double().cumsum(-1)                                             # fp64: u * total < total
+    if not torch.isfinite(cdf[:, -1]).all():
+        raise SystemExit("error: cannot sample: the model's probabilities are NaN or infinite (non-finite weights?)")
     u = torch.rand(probs.size(0), 1, dtype=torch.float64, device=probs.device, generator=generator)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.size(-1) - 1).squeeze(1)
 

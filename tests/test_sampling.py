@@ -1,5 +1,6 @@
 """nanor1.sample, the sampler of every rollout, against the distribution it is given. It runs no
 model code, so it carries no assignment marker."""
+import pytest
 import torch
 
 import nanor1
@@ -19,3 +20,10 @@ def test_sample_draws_each_token_with_its_probability():
         assert (counts[p == 0] == 0).all(), f"row {row}: a zero-probability token was drawn"
         sd = (n * p * (1 - p)).sqrt()
         assert ((counts - n * p).abs() <= 5 * sd + 1e-9).all(), f"row {row}: {counts.tolist()} vs {(n * p).tolist()}"
+
+
+def test_sample_refuses_non_finite_probabilities():
+    """NaN logits (a corrupted checkpoint) must stop rollouts with a clear error, not yield tokens."""
+    probs = torch.tensor([[0.5, 0.5], [float("nan"), 0.5]])
+    with pytest.raises(SystemExit, match="^error: .*NaN or infinite"):
+        nanor1.sample(probs, torch.Generator().manual_seed(0))
