@@ -25,6 +25,24 @@ PARSE_CASES = [
     ("<answer> 42 </answer>", 42),                                # whitespace around the number
     ("<answer>\n42\n\t</answer>", 42),
     ("<answer>4 2</answer>", None),                               # whitespace inside the number
+    # only ASCII space, tab, CR and LF may pad the number (guards against str.strip(), which also
+    # removes NBSP, U+3000, form feed, vertical tab, U+2028 ...), and no plus sign (guards against
+    # an optional "+" in _INT: int() accepts "+42", as it accepts " 42\u00a0")
+    ("<answer> \t\r\n42\r\n\t </answer>", 42),
+    ("<answer>\u00a042</answer>", None),                          # NBSP: str.strip() would remove it
+    ("<answer>42\u00a0</answer>", None),
+    ("<answer>\u300042\u3000</answer>", None),                    # ideographic space
+    ("<answer>\f42</answer>", None),                              # form feed
+    ("<answer>42\v</answer>", None),                              # vertical tab
+    ("<answer>\u202842</answer>", None),                          # line separator
+    ("<answer>42\u2029</answer>", None),                          # paragraph separator
+    ("<answer>\x8542</answer>", None),                            # NEL
+    ("<answer>\u200342</answer>", None),                          # em space
+    ("<answer>\x1c42</answer>", None),                            # file separator: isspace() in Python
+    ("<answer>+42</answer>", None),                               # an explicit plus sign: int() would accept
+    ("<answer> +42 </answer>", None),
+    ("<answer>+0</answer>", None),
+    ("<answer>-+4</answer>", None),
     ("<answer>-17</answer>", -17),                                # negative
     ("<answer>-0</answer>", 0),
     ("<answer>007</answer>", 7),                                  # leading zeros: the integer 7
@@ -97,6 +115,9 @@ ACCURACY_CASES = [
     ("<answer>４２</answer>", 42, 0.0),
     ("<answer>³</answer>", 3, 0.0),
     ("<answer>1_000</answer>", 1000, 0.0),
+    ("<answer>+42</answer>", 42, 0.0),                            # no plus sign
+    ("<answer>\u00a042</answer>", 42, 0.0),                       # no non-ASCII whitespace
+    ("<answer>42\u3000</answer>", 42, 0.0),
     ("<answer>42</answer><answer>42</answer>", 42, 0.0),          # repeated
     ("<answer><answer>42</answer></answer>", 42, 0.0),            # nested
     ("<answer>42", 42, 0.0),                                      # unclosed
