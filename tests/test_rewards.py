@@ -86,10 +86,15 @@ def test_parse_answer(completion, expected):
 
 @pytest.mark.rewards
 def test_parse_answer_huge_number_does_not_raise():
-    got = parse_answer(f"<think>x</think><answer>{HUGE}</answer>")
-    assert got is None or got == 10 ** 5000 - 1
-    got = parse_answer(f"<answer>-{HUGE}</answer>")
-    assert got is None or got == -(10 ** 5000 - 1)
+    """parse_answer takes at most 4000 digits (_INT), under Python's 4300-digit int() limit: 4000
+    digits are a number, 4001 or 5000 are None, never a ValueError from int(). Guards against a
+    limit removed or raised past int()'s (a raise), or lowered (a long answer lost)."""
+    assert parse_answer(f"<think>x</think><answer>{HUGE}</answer>") is None       # 5000 digits
+    assert parse_answer(f"<answer>-{HUGE}</answer>") is None
+    assert parse_answer(f"<answer>{'9' * 4001}</answer>") is None
+    assert parse_answer(f"<answer>-{'9' * 4001}</answer>") is None
+    assert parse_answer(f"<answer>{'9' * 4000}</answer>") == 10 ** 4000 - 1
+    assert parse_answer(f"<answer>-{'9' * 4000}</answer>") == -(10 ** 4000 - 1)
     assert parse_answer(f"<answer>{'1' * 100}</answer>") == int("1" * 100)   # big but sane is fine
 
 
