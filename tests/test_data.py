@@ -306,12 +306,24 @@ def test_test_set_is_deterministic():
     assert make_test_set(20, seed=0) != make_test_set(20, seed=1)
 
 
+def all_add2_texts() -> set:
+    """Every add2 problem text, enumerated: a+b and a-b (a >= b) for two-digit a, b."""
+    return {f"{a}{op}{b}" for a in range(10, 100) for b in range(10, 100) for op in "+-" if op == "+" or a >= b}
+
+
 def test_test_set_gives_what_it_is_asked_for_or_refuses():
-    try:
-        tests = make_test_set(700, levels=("add2",))
-    except ValueError:
-        return
-    assert len(tests["add2"]) == 700
+    """add2 has exactly as many held-out problems as the enumeration finds (636): asking for all of
+    them gives all of them, distinct; one more is refused with a ValueError naming the level and
+    the count. Guards against a test set that silently comes back short or with repeats, and
+    against one that refuses what it has."""
+    held = {t for t in all_add2_texts() if is_heldout(t)}
+    assert len(held) == 636
+    tests = make_test_set(len(held), levels=("add2",))
+    assert list(tests) == ["add2"]
+    texts = [p.text for p in tests["add2"]]
+    assert len(texts) == len(held) and set(texts) == held          # exactly n, distinct, all held out
+    with pytest.raises(ValueError, match=r"level add2 has only 636 distinct held-out problems, 637 were asked for"):
+        make_test_set(len(held) + 1, levels=("add2",))
 
 
 def test_heldout_bucket_is_about_one_in_twenty():
