@@ -4,6 +4,7 @@ accounting, DeepSeek-V3 state_dict names, and a full forward pass recomputed ind
 Every expected value is computed here from a formula, a loop or a plain-torch re-implementation,
 never taken from moe.py's own output. Markers name the classroom assignments whose code runs.
 """
+import dataclasses
 import math
 import re
 
@@ -19,12 +20,13 @@ def _seed():
     torch.manual_seed(0)  # every test sees the same random data, whatever ran before it
 
 
+TINY_BASE = dict(vocab_size=50, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1,
+                 n_heads=2, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
+                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=10, max_seq_len=32)
+
+
 def tiny_cfg(**kw):
-    base = dict(vocab_size=50, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1,
-                n_heads=2, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=10, max_seq_len=32)
-    base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig(**{**TINY_BASE, **kw})
 
 
 @torch.no_grad()
@@ -70,11 +72,26 @@ def test_config_validation_raises_value_error_naming_the_field(kw, field):
     assert re.search(rf"\b{field}\b", str(info.value)), f"message does not name {field}: {info.value}"
 
 
-def test_config_validation_accepts_valid_configs():
-    tiny_cfg()
-    tiny_cfg(n_routed_experts=8, n_expert_groups=4, n_limited_groups=2, n_activated_experts=4, q_lora_rank=8)
-    tiny_cfg(n_dense_layers=0, n_shared_experts=0, score_func="softmax")
-    tiny_cfg(n_dense_layers=3)  # all dense
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(n_routed_experts=8, n_expert_groups=4, n_limited_groups=2, n_activated_experts=4, q_lora_rank=8),
+    dict(n_dense_layers=0, n_shared_experts=0, score_func="softmax"),
+    dict(n_dense_layers=3),                                                      # all dense
+    # each rule at its boundary: equality is allowed
+    dict(n_routed_experts=4, n_activated_experts=4),                             # top-k = every expert
+    dict(n_routed_experts=8, n_expert_groups=4, n_limited_groups=4),             # every group kept
+    dict(n_routed_experts=8, n_expert_groups=4, n_limited_groups=1, n_activated_experts=2),  # k = experts kept
+    dict(n_routed_experts=2, n_expert_groups=1, n_activated_experts=1),
+    dict(qk_rope_head_dim=2, q_lora_rank=0, bias_update_speed=0.0, seq_aux_alpha=0.0, max_seq_len=1),
+    dict(route_scale=1e-6, n_heads=1, vocab_size=1),
+])
+def test_config_validation_accepts_valid_configs(kw):
+    """A valid config (each rule at its boundary included) is accepted and kept exactly as given.
+    Guards against a validation rule stricter than documented (e.g. < for <=) and against
+    __post_init__ changing a field."""
+    cfg = tiny_cfg(**kw)
+    expected = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)}, **TINY_BASE, **kw}
+    assert dataclasses.asdict(cfg) == expected
 
 
 # -----------------------------------------------------------------------------
