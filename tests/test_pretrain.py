@@ -2,6 +2,7 @@
 torch.load(weights_only=True); a missing or broken checkpoint is one clear line, not a traceback."""
 import dataclasses
 import json
+import math
 import os
 import random
 import subprocess
@@ -204,3 +205,36 @@ def test_logged_throughput_is_right_for_the_last_partial_interval(tmp_path, monk
     assert [r["step"] for r in recs] == [3, 5]
     assert recs[0]["tok_s"] == pytest.approx(2 * 128)
     assert recs[1]["tok_s"] == pytest.approx(2 * 128)
+
+
+# -----------------------------------------------------------------------------
+# The optimizer and the schedule
+
+@pytest.mark.rmsnorm_rope
+def test_weight_decay_shrinks_matrices_only_never_norms_or_router_biases():
+    """One AdamW step of make_optimizer with zero gradients moves nothing but the decay: every
+    matrix shrinks by exactly (1 - lr * wd), every vector (the RMSNorm weights) is left as it is,
+    and the router biases (buffers, updated by the balancing rule, not SGD) are not the optimizer's
+    at all. Guards against weight decay applied to norm weights (or to nothing)."""
+    model = small_trained_model()
+    lr, wd = 0.05, 0.3
+    opt = nanor1.make_optimizer(model, lr, wd, torch.device("cpu"))
+    in_opt = [p for g in opt.param_groups for p in g["params"]]
+    assert len(in_opt) == len({id(p) for p in in_opt}) == len(list(model.parameters())), \
+        "every parameter in exactly one group"
+    assert {id(p) for p in in_opt} == {id(p) for p in model.parameters()}
+    assert not any(p is g.bias for g in model.gates() for p in in_opt)
+    vectors = [n for n, p in model.named_parameters() if p.dim() < 2]
+    assert any(n.endswith("norm.weight") for n in vectors) and any(p.dim() == 2 for p in model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    params = dict(model.named_parameters())
+    for name, value in model.state_dict().items():
+        if name in params and params[name].dim() >= 2:
+            torch.testing.assert_close(value, before[name] * (1 - lr * wd), rtol=1e-6, atol=0,
+                                       msg=lambda m: f"{name}: not decayed by lr * wd: {m}")
+        else:   # norm weights, and buffers such as the router biases
+            assert torch.equal(value, before[name]), f"{name} changed: no weight decay on vectors or buffers"
+
