@@ -238,3 +238,30 @@ def test_weight_decay_shrinks_matrices_only_never_norms_or_router_biases():
         else:   # norm weights, and buffers such as the router biases
             assert torch.equal(value, before[name]), f"{name} changed: no weight decay on vectors or buffers"
 
+
+def lr_formula(step, total, warmup, base, min_frac):
+    """The schedule, written out: linear warmup (step + 1) / warmup, then cosine from base to
+    base * min_frac over the remaining steps, flat after total."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * min_frac + (base - base * min_frac) * (1 + math.cos(math.pi * t)) / 2
+
+
+@pytest.mark.parametrize("warmup,total,min_frac", [(5, 40, 0.1), (1, 10, 0.0), (0, 12, 0.25), (100, 1800, 0.1)])
+def test_lr_schedule_is_linear_warmup_from_base_over_warmup_then_cosine(warmup, total, min_frac):
+    """lr_at against the formula: the first step already trains (base / warmup, not 0), the last
+    warmup step is at base, the cosine ends at base * min_lr_frac. Guards against a warmup that
+    starts at lr 0 (step / warmup), and against a cosine that does not end where it should."""
+    base = 3e-3
+    cfg = nanor1.Config(warmup_steps=warmup, min_lr_frac=min_frac)
+    got = [nanor1.lr_at(s, total, cfg, base) for s in range(total + 3)]
+    want = [lr_formula(s, total, warmup, base, min_frac) for s in range(total + 3)]
+    assert got == pytest.approx(want, rel=1e-12, abs=0)
+    assert got[0] > 0
+    if warmup:
+        assert got[0] == pytest.approx(base / warmup) and got[warmup - 1] == pytest.approx(base)
+    else:
+        assert got[0] == pytest.approx(base)
+    assert got[total] == pytest.approx(base * min_frac) and got[-1] == pytest.approx(base * min_frac)
+    assert max(got) == pytest.approx(base)
