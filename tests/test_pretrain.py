@@ -1,5 +1,6 @@
 """Pretraining lowers the loss on a tiny model; checkpoints round-trip exactly through
 torch.load(weights_only=True); a missing or broken checkpoint is one clear line, not a traceback."""
+import copy
 import dataclasses
 import json
 import math
@@ -265,3 +266,53 @@ def test_lr_schedule_is_linear_warmup_from_base_over_warmup_then_cosine(warmup, 
         assert got[0] == pytest.approx(base)
     assert got[total] == pytest.approx(base * min_frac) and got[-1] == pytest.approx(base * min_frac)
     assert max(got) == pytest.approx(base)
+
+
+# -----------------------------------------------------------------------------
+# What pretrain() feeds the model
+
+def record_training_forwards(model, snapshot=False):
+    """Every forward of model from now on -> calls: dicts of its tokens, doc_ids and logits (and,
+    with snapshot, a fresh copy of the model as it was at that forward, without these hooks)."""
+    calls = []
+
+    def before(module, args, kwargs):
+        tokens = args[0] if args else kwargs["tokens"]
+        doc_ids = kwargs.get("doc_ids")
+        calls.append({"tokens": tokens.detach().clone(),
+                      "doc_ids": None if doc_ids is None else doc_ids.detach().clone(),
+                      "state": copy.deepcopy(module.state_dict()) if snapshot else None})
+
+    def after(module, args, kwargs, out):
+        calls[-1]["logits"] = out[0].detach().clone()
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True)
+    return calls
+
+
+@pytest.mark.rmsnorm_rope
+@pytest.mark.gate
+@pytest.mark.balance
+def test_pretraining_draws_a_new_batch_every_step_and_the_same_on_a_rerun(tmp_path):
+    """Every forward of pretrain() (2 steps x 2 micro-batches) sees a batch of its own, and a rerun
+    with the same seed sees exactly the same batches; another seed, other batches. Guards against
+    the step (or the micro-batch) missing from the data seed: the same batch at every step."""
+    def fed(seed):
+        (tmp_path / str(seed)).mkdir(exist_ok=True)
+        cfg = tiny_config(tmp_path / str(seed), pretrain_steps=2, batch_size=4, grad_accum=2, warmup_steps=1,
+                          log_every=100, seed=seed)
+        torch.manual_seed(0)
+        model = moe.Transformer(cfg.model)
+        calls = record_training_forwards(model)
+        nanor1.pretrain(cfg, model, torch.device("cpu"), 0, 1, {})
+        return [c["tokens"] for c in calls]
+
+    first, again, other = fed(7), fed(7), fed(8)
+    assert len(first) == 4 and all(x.shape == (2, 128) for x in first)
+    for i in range(len(first)):
+        for j in range(i):
+            assert not torch.equal(first[i], first[j]), f"forwards {j} and {i} were fed the same batch"
+    assert all(torch.equal(a, b) for a, b in zip(first, again)), "a rerun must see the same batches"
+    assert not any(torch.equal(a, b) for a, b in zip(first, other)), "another seed, other batches"
+
