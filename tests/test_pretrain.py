@@ -316,3 +316,38 @@ def test_pretraining_draws_a_new_batch_every_step_and_the_same_on_a_rerun(tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(first, again)), "a rerun must see the same batches"
     assert not any(torch.equal(a, b) for a, b in zip(first, other)), "another seed, other batches"
 
+
+@pytest.mark.rmsnorm_rope
+@pytest.mark.gate
+@pytest.mark.balance
+def test_pretraining_documents_in_a_packed_row_do_not_see_each_other(tmp_path):
+    """The logits pretrain() trains on, position by position, equal those of each packed document
+    run alone, from its own leading end-of-text, by the model as it was at that forward. Guards
+    against pretraining without the per-document attention (doc_ids dropped from the training
+    forward), where a document attends to the ones packed before it."""
+    cfg = tiny_config(tmp_path, pretrain_steps=2, batch_size=4, warmup_steps=1, log_every=100)
+    torch.manual_seed(0)
+    model = moe.Transformer(cfg.model)
+    with torch.no_grad():          # large weights: sharp attention, so a leak across documents shows
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    calls = record_training_forwards(model, snapshot=True)
+    nanor1.pretrain(cfg, model, torch.device("cpu"), 0, 1, {})
+    assert len(calls) == 2
+    packed = 0
+    for call in calls:
+        then = moe.Transformer(cfg.model).eval()
+        then.load_state_dict(call["state"])
+        x, logits = call["tokens"], call["logits"]
+        for r in range(x.size(0)):
+            starts = (x[r] == nanor1.EOT).nonzero().squeeze(1).tolist()   # each document's leading end-of-text
+            assert starts[0] == 0
+            ends = starts[1:] + [x.size(1)]
+            packed += sum(e - s > 1 for s, e in zip(starts, ends)) - 1     # real documents after the first
+            for s, e in zip(starts, ends):
+                with torch.no_grad():
+                    alone = then(x[r:r + 1, s:e])[0][0]
+                torch.testing.assert_close(logits[r, s:e], alone, rtol=1e-4, atol=1e-4,
+                                           msg=lambda m: f"row {r}, document at {s}:{e}: {m}")
+    assert packed >= 4, "the rows should pack several documents each"
