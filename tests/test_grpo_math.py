@@ -1,12 +1,16 @@
 """The GRPO math (DeepSeekMath eq. 3, R1-Zero, Dr. GRPO, DAPO), each piece against numbers worked
 by hand or by plain Python loops."""
+import contextlib
 import math
 import random
 
 import pytest
 import torch
 
-from nanor1 import group_advantages, grpo_loss, kl_k3, masked_mean
+import data
+import moe
+import nanor1
+from nanor1 import EOT, group_advantages, grpo_loss, kl_k3, masked_mean
 
 LN2 = math.log(2.0)
 
@@ -357,3 +361,55 @@ def test_grpo_loss_random_batch_vs_python_loops(agg):
     assert stats["clip_frac"] == pytest.approx(clipped / n_tok)
     assert stats["kl"] == pytest.approx(sum(kls) / n_tok)
     assert clipped > 0   # the case exercises clipping
+
+
+# -----------------------------------------------------------------------------
+# sequence_logprobs: the log-probs the GRPO ratio and KL are made of
+
+
+def sharp_tiny_model(seed=0):
+    """A tiny random model with large weights: its predictions differ a lot from position to
+    position, so a log-prob taken at the wrong position shows."""
+    cfg = moe.ModelConfig(dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2, n_heads=2, kv_lora_rank=16,
+                          qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                          n_activated_experts=2, vocab_size=nanor1.enc.n_vocab)
+    torch.manual_seed(seed)
+    model = moe.Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.rmsnorm_rope
+@pytest.mark.gate
+def test_sequence_logprobs_are_the_predictions_of_the_completion_tokens():
+    """With left-padded prompts and the key mask as grpo builds them, logp[i, t] is log pi of
+    completion token t given the prompt and the completion before it, and entropy[i, t] the entropy
+    of that prediction: the model run one prefix at a time, unpadded, taking the last position.
+    Guards against each completion token scored at the wrong position (as the input at its own
+    position, e.g. logits[:, P:] instead of logits[:, P-1:])."""
+    model = sharp_tiny_model()
+    rng = random.Random(0)
+    prompts = [nanor1.prompt_tokens(data.make_problem(lvl, rng)) for lvl in data.LEVELS for _ in range(2)]
+    assert len({len(p) for p in prompts}) > 1, "prompts of different lengths: left padding is exercised"
+    L = 6
+    comps = torch.randint(0, 256, (len(prompts), L), generator=torch.Generator().manual_seed(1))
+    for i, end in enumerate([1, 3, 5, None, 0, 2, None, 4]):   # an end-of-text, then end-of-text padding
+        if end is not None:
+            comps[i, end:] = EOT
+    prompt_tok, prompt_mask = nanor1.left_pad(prompts, "cpu")
+    P = prompt_tok.size(1)
+    tokens = torch.cat([prompt_tok, comps], 1)
+    key_mask = torch.cat([prompt_mask, torch.ones_like(comps, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        logp, entropy, _ = nanor1.sequence_logprobs(model, tokens, key_mask, P, contextlib.nullcontext())
+    assert logp.shape == entropy.shape == (len(prompts), L)
+    for i, p in enumerate(prompts):
+        for t in range(L):
+            with torch.no_grad():
+                last = model(torch.tensor([p + comps[i, :t].tolist()]))[0][0, -1].double()
+            lp = last.log_softmax(-1)
+            assert logp[i, t].item() == pytest.approx(lp[comps[i, t]].item(), abs=1e-4), (i, t)
+            assert entropy[i, t].item() == pytest.approx(-(lp.exp() * lp).sum().item(), abs=1e-4), (i, t)
