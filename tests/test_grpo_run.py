@@ -105,3 +105,101 @@ def test_grpo_logs_the_full_length_of_truncated_completions(tmp_path):
     nanor1.grpo(cfg, model, ref, torch.device("cpu"), 0, 1, data.test_set(1), history, reward_fn=sevens)
     assert history[0]["truncated"] == 1.0
     assert history[0]["length"] == MAX_NEW
+
+
+# -----------------------------------------------------------------------------
+# Inside one GRPO step: what grpo_loss is given, what is logged
+
+class EndsSometimes(moe.Transformer):
+    """A Transformer with a bonus on end-of-text, so completions end at varied lengths."""
+
+    def forward(self, *args, **kwargs):
+        logits, aux = super().forward(*args, **kwargs)
+        bonus = torch.zeros(logits.size(-1), dtype=logits.dtype, device=logits.device)
+        bonus[nanor1.EOT] = 4.0
+        return logits + bonus, aux
+
+
+@torch.no_grad()
+def prefix_by_prefix(model, prompts, comps):
+    """log pi(comps[i, t] | prompt i, comps[i, :t]) and the entropy of that prediction, (B, L) in
+    fp64: the model run on each unpadded prefix alone, its last position."""
+    was = model.training
+    model.eval()
+    logp, ent = torch.zeros(comps.shape, dtype=torch.float64), torch.zeros(comps.shape, dtype=torch.float64)
+    for i, p in enumerate(prompts):
+        for t in range(comps.size(1)):
+            lp = model(torch.tensor([p + comps[i, :t].tolist()]))[0][0, -1].double().log_softmax(-1)
+            logp[i, t], ent[i, t] = lp[comps[i, t]], -(lp.exp() * lp).sum()
+    model.train(was)
+    return logp, ent
+
+
+def one_grpo_step(tmp_path, monkeypatch, mu):
+    """One GRPO step of a tiny EndsSometimes model with large weights, spying on nanor1.generate (the rollout) and on
+    nanor1.grpo_loss (each inner update) -> (the model before the step, rollout (prompts, comps,
+    mask), the grpo_loss calls, history)."""
+    torch.manual_seed(0)
+    model = EndsSometimes(tiny_model().cfg)
+    with torch.no_grad():          # large weights: entropies that differ from token to token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    before = copy.deepcopy(model)
+    rollouts, calls = [], []
+    real_generate, real_loss = nanor1.generate, nanor1.grpo_loss
+
+    def generate(model, prompts, *args, **kwargs):
+        out = real_generate(model, prompts, *args, **kwargs)
+        rollouts.append((prompts, out[0].clone(), out[1].clone()))
+        return out
+
+    def grpo_loss(logp, old_logp, *args, **kwargs):
+        calls.append({"logp": logp.detach().clone(), "old": old_logp.detach().clone(),
+                      "old_requires_grad": old_logp.requires_grad})
+        return real_loss(logp, old_logp, *args, **kwargs)
+
+    monkeypatch.setattr(nanor1, "generate", generate)
+    monkeypatch.setattr(nanor1, "grpo_loss", grpo_loss)
+    cfg = nanor1.Config(out_dir=str(tmp_path), device="cpu", seed=0, grpo_steps=1, prompts_per_step=2, group_size=4,
+                        max_new_tokens=MAX_NEW, grpo_lr=1e-2, beta=0.02, mu=mu, grpo_eval_every=0, grpo_eval_n=1,
+                        eval_batch=64, model=model.cfg)
+    history = []
+    nanor1.grpo(cfg, model, copy.deepcopy(model), torch.device("cpu"), 0, 1, data.test_set(1), history,
+                reward_fn=lambda text, p: len(text) / MAX_NEW)
+    return before, rollouts[0], calls, history
+
+
+def test_grpo_inner_updates_keep_pi_old_from_before_the_first_update(tmp_path, monkeypatch):
+    """mu = 3 updates on one rollout batch: grpo_loss gets the same old_logp every time, the
+    log-probs of the policy before the first update (computed here, prefix by prefix), and from
+    the second update on logp has moved away from it (ratio != 1, so clipping can act). Guards
+    against pi_old re-read from the current policy at every inner update (ratio always 1)."""
+    before, (prompts, comps, mask), calls, _ = one_grpo_step(tmp_path, monkeypatch, mu=3)
+    assert len(calls) == 3
+    expected, _ = prefix_by_prefix(before, prompts, comps)
+    for k, c in enumerate(calls):
+        assert not c["old_requires_grad"], "pi_old is a constant"
+        assert torch.equal(c["old"], calls[0]["old"]), f"update {k + 1}: pi_old changed between inner updates"
+    m = mask.bool()
+    torch.testing.assert_close(calls[0]["old"].double()[m], expected[m], rtol=0, atol=1e-4,
+                               msg=lambda s: f"old_logp is not the policy before the first update: {s}")
+    torch.testing.assert_close(calls[0]["logp"][m], calls[0]["old"][m], rtol=0, atol=1e-5)   # ratio 1 at first
+    for k, c in enumerate(calls[1:], 2):
+        moved = (c["logp"] - c["old"])[m].abs().max().item()
+        assert moved > 1e-3, f"update {k}: ratio is 1 everywhere (max |logp - old_logp| = {moved:.2e})"
+
+
+def test_grpo_single_update_is_on_policy_with_pi_old_the_detached_logp(tmp_path, monkeypatch):
+    """mu = 1: old_logp is logp itself, detached (ratio 1 with the gradient of ratio * A), and
+    both are the log-probs of the policy that sampled. Guards against a non-detached old_logp
+    (ratio exp(logp - logp) has no gradient: no learning) and a stale or wrong pi_old."""
+    before, (prompts, comps, mask), calls, _ = one_grpo_step(tmp_path, monkeypatch, mu=1)
+    assert len(calls) == 1
+    c = calls[0]
+    assert not c["old_requires_grad"], "old_logp must be detached"
+    assert torch.equal(c["old"], c["logp"])
+    expected, _ = prefix_by_prefix(before, prompts, comps)
+    m = mask.bool()
+    torch.testing.assert_close(c["old"].double()[m], expected[m], rtol=0, atol=1e-4)
+
