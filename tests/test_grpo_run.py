@@ -203,3 +203,17 @@ def test_grpo_single_update_is_on_policy_with_pi_old_the_detached_logp(tmp_path,
     m = mask.bool()
     torch.testing.assert_close(c["old"].double()[m], expected[m], rtol=0, atol=1e-4)
 
+
+def test_grpo_logged_entropy_is_the_mean_over_completion_tokens_only(tmp_path, monkeypatch):
+    """The "entropy" of the step's record is the mean over completion tokens (up to and including
+    the first end-of-text) of the per-token entropy, computed here prefix by prefix, on a step
+    whose completions have different lengths. Guards against an entropy averaged over the
+    end-of-text padding too."""
+    before, (prompts, comps, mask), _, history = one_grpo_step(tmp_path, monkeypatch, mu=1)
+    lengths = mask.sum(1)
+    assert len(set(lengths.tolist())) > 1 and not mask.all(), "completions of different lengths, some padded"
+    _, ent = prefix_by_prefix(before, prompts, comps)
+    m = mask.bool()
+    expected = ent[m].mean().item()
+    assert abs(expected - ent.mean().item()) > 1e-2, "padding would change the mean: the test can tell"
+    assert history[0]["entropy"] == pytest.approx(expected, abs=1e-4)
