@@ -95,3 +95,55 @@ def test_generate_samples_from_softmax_of_logits_over_temperature(T):
     assert deviations(z.softmax(-1)) > 20, "indistinguishable from T = 1: the test would not see it ignored"
     assert deviations((z * T).softmax(-1)) > 20
 
+
+# -----------------------------------------------------------------------------
+# evaluate's forced tags, through a model that writes a fixed continuation
+
+class Continues(nn.Module):
+    """Stands in for the Transformer in generate(), greedy: reads each prompt "problem=" + a forced
+    tag and writes, after <answer>, "N</answer>"; after <think>, "problem</think><answer>N</answer>";
+    after nothing, "<answer>N</answer>"; then end-of-text. N is the right answer, plus one for the
+    problems in `wrong`."""
+
+    def __init__(self, answers: dict, wrong: set):
+        super().__init__()
+        self.cfg, self.embed, self.answers, self.wrong = stand_in_config(), nn.Embedding(1, 1), answers, wrong
+
+    def continuation(self, prompt: str) -> list:
+        assert prompt.startswith("<|endoftext|>")
+        problem, forced = prompt.removeprefix("<|endoftext|>").split("=")
+        n = self.answers[problem] + (problem in self.wrong)
+        text = {"<answer>": f"{n}</answer>", "<think>": f"{problem}</think><answer>{n}</answer>",
+                "": f"<answer>{n}</answer>"}[forced]
+        return encode(text) + [EOT]
+
+    def forward(self, tokens, start_pos=0, cache=None, key_mask=None):
+        B, T = tokens.shape
+        if start_pos == 0:                                           # the prefill: read the prompts
+            self.P = T
+            self.scripts = [self.continuation(nanor1.enc.decode(tokens[i][key_mask[i]].tolist())) for i in range(B)]
+        step = start_pos + T - self.P                                # the index of the token to write next
+        logits = torch.zeros(B, T, self.cfg.vocab_size)
+        for i, script in enumerate(self.scripts):
+            logits[i, -1, script[step] if step < len(script) else EOT] = 10.0
+        return logits, torch.zeros(())
+
+
+@pytest.mark.rewards
+def test_forced_tag_evaluations_score_the_completion_with_its_forced_tag():
+    """evaluate(force="answer") and (force="think") score the forced tag + what the model wrote:
+    a model that writes "N</answer>" after a forced <answer> answers right where N is right
+    (2 of 3 problems per level here); after a forced <think> it thinks every time, well formed.
+    Guards against the forced evaluations scoring the completion without its forced tag (the
+    "forced to answer" accuracy would read 0, "forced to think" would never think)."""
+    tests = data.test_set(3)
+    answers = {p.text: p.answer for ps in tests.values() for p in ps}
+    model = Continues(answers, wrong={ps[0].text for ps in tests.values()})
+    cfg = nanor1.Config(max_new_tokens=40, eval_batch=64, device="cpu")
+    res = {f: nanor1.evaluate(model, tests, cfg, torch.device("cpu"), force=f) for f in ("answer", "think", "")}
+    for level in [*tests, "overall"]:
+        assert res["answer"][level]["accuracy"] == pytest.approx(2 / 3), (level, res["answer"][level])
+        assert res["answer"][level]["think_rate"] == 0.0 and res["answer"][level]["format"] == 0.0
+        assert res["think"][level]["accuracy"] == pytest.approx(2 / 3), (level, res["think"][level])
+        assert res["think"][level]["think_rate"] == 1.0 and res["think"][level]["format"] == 1.0
+        assert res[""][level]["accuracy"] == pytest.approx(2 / 3) and res[""][level]["think_rate"] == 0.0
