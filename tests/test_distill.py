@@ -297,21 +297,22 @@ def test_a_tiny_distill_run_writes_the_experiment_into_the_summary(tmp_path, mon
         assert right_and_well_formed(t["completion"], answer_of(t["problem"])) and not data.is_heldout(t["problem"])
 
 
+def half_right_generate(model, prompts, max_new_tokens, *args, **kw):
+    """Stands in for nanor1.generate in tiny r1 runs: every model answers half its rows right (even
+    rows) and half wrong: GRPO has something to learn from, rejection sampling something to keep
+    and something to drop. (Nothing decodes for real, so no mla_absorb mark: the absorbed
+    attention serves only decoding.)"""
+    texts = []
+    for i, p in enumerate(prompts):
+        answer = answer_of(problem_of(p)) + i % 2
+        texts.append(f"<think>{problem_of(p)}</think><answer>{answer}</answer>")
+    return as_generate_output(texts, 64)
+
+
 @needs(*GRPO)
 def test_a_tiny_r1_run_has_its_four_stages_in_the_summary(tmp_path, monkeypatch):
     base = save_tiny(tmp_path / "base.pt")
-    # every model answers half its rows right (even rows) and half wrong: GRPO has something to learn
-    # from, rejection sampling something to keep and something to drop. (Nothing decodes for real,
-    # so no mla_absorb mark: the absorbed attention serves only decoding.)
-
-    def generate(model, prompts, max_new_tokens, *args, **kw):
-        texts = []
-        for i, p in enumerate(prompts):
-            answer = answer_of(problem_of(p)) + i % 2
-            texts.append(f"<think>{problem_of(p)}</think><answer>{answer}</answer>")
-        return as_generate_output(texts, 64)
-
-    monkeypatch.setattr(nanor1, "generate", generate)
+    monkeypatch.setattr(nanor1, "generate", half_right_generate)
     stale = {"name": "old", "pipeline": "r1", "wall_seconds": 1, "heldout": {}}
     other = {"name": "student_sft", "pipeline": "distill", "wall_seconds": 1, "heldout": {}}
     (tmp_path / "summary.json").write_text(json.dumps({"stages": [stale, other], "distill": {"x": 1}}))
@@ -340,3 +341,30 @@ def test_a_tiny_r1_run_has_its_four_stages_in_the_summary(tmp_path, monkeypatch)
     for name in ("cold_start_sft", "reasoning_rl", "rejection_sft", "final_rl"):
         model, _ = nanor1.load_checkpoint(str(tmp_path / "r1" / name / "model.pt"), "cpu")
         assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values())), name
+
+
+@needs(*GRPO)
+def test_r1_fine_tunes_the_base_both_times_not_the_rl_model(tmp_path, monkeypatch):
+    """--stage r1's two SFT stages (cold start, and SFT on the traces rejection-sampled from the RL
+    model) both start from the base checkpoint's weights, as DeepSeek-R1 sec 2.3.3 fine-tunes
+    DeepSeek-V3-Base; the RL model they are sampled from differs from the base. Guards against the
+    rejection-sampling SFT continuing from the RL model instead of the base."""
+    save_tiny(tmp_path / "base.pt")
+    monkeypatch.setattr(nanor1, "generate", half_right_generate)
+    at_entry, real_fine_tune = {}, nanor1.fine_tune
+
+    def fine_tune(cfg, model, records, device, name):
+        at_entry[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return real_fine_tune(cfg, model, records, device, name)
+
+    monkeypatch.setattr(nanor1, "fine_tune", fine_tune)
+    nanor1.main(["--stage", "r1", *TINY_RUN, "--out_dir", str(tmp_path), "--max_new_tokens", "32",
+                 "--cold_start", "4", "--r1_grpo_steps", "1", "--rs_prompts", "2"])
+    base = torch.load(tmp_path / "base.pt", weights_only=True)["model"]
+    rl = torch.load(tmp_path / "r1" / "reasoning_rl" / "model.pt", weights_only=True)["model"]
+    assert list(at_entry) == ["cold_start_sft", "rejection_sft"]
+    assert any(not torch.equal(rl[k], base[k]) for k in base), "the RL model moved away from the base"
+    for name, state in at_entry.items():
+        assert set(state) == set(base), name
+        changed = [k for k in base if not torch.equal(state[k], base[k])]
+        assert not changed, f"{name} did not start from the base: {changed[:3]} differ"
