@@ -41,9 +41,19 @@ class Problem:
     answer: int
     solution: str    # the worked solution, without tags
 
+    @property
+    def prompt(self) -> str:
+        """What the model is asked: "(47+85)*3-29=" (the problem and "=")."""
+        return f"{self.text}="
+
+    def record(self, completion: str) -> dict:
+        """A fine-tuning example (SFT data, rejection-sampled traces), as the .jsonl files hold it."""
+        return dict(level=self.level, problem=self.text, answer=self.answer, prompt=self.prompt,
+                    completion=completion)
+
     def document(self, think: bool) -> str:
         """One pretraining document: direct answer, or worked solution then answer."""
-        head = f"{self.text}=<think>{self.solution}</think>" if think else f"{self.text}="
+        head = f"{self.prompt}<think>{self.solution}</think>" if think else self.prompt
         return f"{head}<answer>{self.answer}</answer>"
 
 
@@ -140,6 +150,11 @@ def training_problems(rng: random.Random, levels=LEVELS, weights=None):
         p = make_problem(level, rng)
         if not is_heldout(p.text):
             yield p
+
+
+def subset(tests: dict, n: int) -> dict:
+    """The first n problems of each level of a test set."""
+    return {lvl: ps[:n] for lvl, ps in tests.items()}
 
 
 def test_set(n_per_level: int, seed: int = 0, levels=LEVELS) -> dict:

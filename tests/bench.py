@@ -44,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import nanor1  # noqa: E402
+import plumbing  # noqa: E402
 from data import training_problems  # noqa: E402
 from moe import MLP, KVCache, MoE, Transformer  # noqa: E402
 from nanor1 import EOT, Config, enc, generate, left_pad, make_optimizer, pretrain_batches, prompt_tokens  # noqa: E402
@@ -161,7 +162,7 @@ def matmul_peak(dtype, n: int, reps: int) -> dict:
 
 def nanor1_model(init_from: str = "") -> Transformer:
     if init_from:
-        return nanor1.load_checkpoint(init_from, CPU)[0]
+        return plumbing.load_checkpoint(init_from, CPU)[0]
     torch.manual_seed(0)
     return Transformer(dataclasses.replace(Config().model, vocab_size=enc.n_vocab))
 

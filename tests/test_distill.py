@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import data
 import moe
 import nanor1
+import plumbing
 from marks import ALL, GRPO, MODEL, needs
 from nanor1 import EOT, enc, encode
 
@@ -285,7 +286,7 @@ def test_a_tiny_distill_run_writes_the_experiment_into_the_summary(tmp_path, mon
         assert set(d[key]) == set(data.LEVELS) | {"overall"}
     assert d["teacher"]["overall"]["accuracy"] == 1.0 and d["teacher"]["overall"]["think_rate"] == 1.0
     assert d["teacher_params"] == sum(p.numel() for p in teacher.parameters())
-    student, _ = nanor1.load_checkpoint(str(tmp_path / "distill" / "student_distilled" / "model.pt"), "cpu")
+    student, _ = plumbing.load_checkpoint(str(tmp_path / "distill" / "student_distilled" / "model.pt"), "cpu")
     assert student.cfg.dim == 16 and d["student_params"] == sum(p.numel() for p in student.parameters())
     assert d["student_params"] < d["teacher_params"] / 2     # (the tiny models are mostly embedding)
     # (a) ran GRPO for about (b)'s wall time: at least one step, at most --grpo_steps
@@ -339,7 +340,7 @@ def test_a_tiny_r1_run_has_its_four_stages_in_the_summary(tmp_path, monkeypatch)
     assert all(right_and_well_formed(t["completion"], answer_of(t["problem"])) for t in traces)
     # every stage trained: its saved model differs from the base
     for name in ("cold_start_sft", "reasoning_rl", "rejection_sft", "final_rl"):
-        model, _ = nanor1.load_checkpoint(str(tmp_path / "r1" / name / "model.pt"), "cpu")
+        model, _ = plumbing.load_checkpoint(str(tmp_path / "r1" / name / "model.pt"), "cpu")
         assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values())), name
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import moe
 import nanor1
+import plumbing
 from nanor1 import enc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +109,7 @@ def test_load_checkpoint_restores_a_model_with_identical_outputs(tmp_path):
     model = small_trained_model().eval()
     path = str(tmp_path / "ckpt.pt")
     nanor1.save_checkpoint(path, model, tiny_config(tmp_path))
-    loaded, ckpt = nanor1.load_checkpoint(path, torch.device("cpu"))
+    loaded, ckpt = plumbing.load_checkpoint(path, torch.device("cpu"))
     loaded.eval()
     x = torch.randint(0, enc.n_vocab, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -120,7 +121,7 @@ def test_load_checkpoint_restores_a_model_with_identical_outputs(tmp_path):
 def test_load_checkpoint_missing_file_is_a_clear_exit(tmp_path):
     path = str(tmp_path / "nope" / "base.pt")
     with pytest.raises(SystemExit) as e:
-        nanor1.load_checkpoint(path, torch.device("cpu"))
+        plumbing.load_checkpoint(path, torch.device("cpu"))
     msg = e.value.code
     assert isinstance(msg, str), "a message, which Python prints on one line with exit status 1"
     assert path in msg and "not found" in msg
@@ -159,7 +160,7 @@ def test_load_checkpoint_broken_file_is_a_clear_exit(tmp_path, content):
         with open(path, "wb") as f:
             f.write(b"this is not a checkpoint\x00\xff" * 10 if content == "garbage" else b"")
     with pytest.raises(SystemExit) as e:
-        nanor1.load_checkpoint(path, torch.device("cpu"))
+        plumbing.load_checkpoint(path, torch.device("cpu"))
     msg = e.value.code
     assert isinstance(msg, str)
     assert path in msg and "error" in msg.lower()
@@ -168,7 +169,7 @@ def test_load_checkpoint_broken_file_is_a_clear_exit(tmp_path, content):
 
 def test_broken_checkpoint_in_a_real_process_prints_no_traceback(tmp_path):
     path = write_truncated_checkpoint(tmp_path)
-    script = "import sys; sys.path.insert(0, sys.argv[1]); import nanor1; nanor1.load_checkpoint(sys.argv[2], 'cpu')"
+    script = "import sys; sys.path.insert(0, sys.argv[1]); import plumbing; plumbing.load_checkpoint(sys.argv[2], 'cpu')"
     r = subprocess.run([sys.executable, "-c", script, ROOT, path], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 1
@@ -180,7 +181,7 @@ def test_broken_checkpoint_in_a_real_process_prints_no_traceback(tmp_path):
 def test_log_every_zero_is_rejected_naming_the_field(tmp_path):
     cfg = tiny_config(tmp_path, pretrain_steps=2, log_every=0)
     with pytest.raises(ValueError, match="log_every"):
-        nanor1.validate(cfg)
+        plumbing.validate(cfg)
 
 
 @pytest.mark.rmsnorm_rope
@@ -191,7 +192,7 @@ def test_logged_throughput_is_right_for_the_last_partial_interval(tmp_path, monk
     batch_size * block_size tokens per second."""
     clock = [1000.0]
     fake_time = types.SimpleNamespace(time=lambda: clock[0], perf_counter=time.perf_counter)
-    monkeypatch.setattr(nanor1, "time", fake_time)
+    monkeypatch.setattr(plumbing, "time", fake_time)
     cfg = tiny_config(tmp_path, pretrain_steps=5, log_every=3, batch_size=2, warmup_steps=1)
     torch.manual_seed(0)
     model = moe.Transformer(cfg.model)

@@ -1,0 +1,724 @@
+"""
+plumbing.py -- the machinery around nanor1. Nothing in this file is R1: start with nanor1.py.
+
+What lives here, so that nanor1.py can read as the method alone:
+  * flags: the Config dataclass -> argparse, validation with one-line errors;
+  * torchrun: process group, print0, all-reduce, DDP wrapping and the GRPO loss shares;
+  * checkpoints: atomic save, read with clear errors, resume checks, the metrics log;
+  * stopping safely: Ctrl-C / SIGTERM finish the step and save; a kill loses at most ckpt_every
+    steps;
+  * progress lines with an ETA, and MFU against a peak FLOP/s.
+"""
+import argparse
+import contextlib
+import dataclasses
+import functools
+import inspect
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from data import LEVELS
+from moe import ModelConfig, Transformer
+
+RECIPE_STAGES = ("sft", "rejection", "distill", "r1")   # the rest of the R1 recipe (see nanor1.py)
+MAX_PROMPT_TOKENS = 32   # room a rollout leaves for its prompt; "(99+99)*9-99=" is 14 tokens
+
+
+# -----------------------------------------------------------------------------
+# Flags: every field of nanor1.Config and moe.ModelConfig is a --flag, its comment the help line
+
+def _str2bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _field_help(cls):
+    """The comment after each field in the dataclass source, used as its --help line."""
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):.*?=.*?#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line and exit code 2, without the usage block (which lists every flag)."""
+        self.exit(2, f"error: {message}; see --help\n")
+
+
+def parse_args(config_cls, argv=None):
+    """Flags -> config_cls (nanor1.Config). A bad flag or value ends here with one line on stderr
+    and exit code 2."""
+    p = _Parser(description="nanor1: DeepSeek-R1-Zero in miniature", allow_abbrev=False,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = ((config_cls, "run / data / training"), (ModelConfig, "model (moe.ModelConfig)"))
+    for cls, group in groups:
+        g, helps = p.add_argument_group(group), _field_help(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in ("model", "vocab_size"):
+                continue
+            default = f.default
+            is_bool = isinstance(default, bool)   # a bare --resume means --resume true
+            flag = dict(type=_str2bool, nargs="?", const=True) if is_bool else \
+                dict(type=type(default))
+            g.add_argument(f"--{f.name}", **flag, default=default, help=helps.get(f.name, f.name),
+                           metavar=type(default).__name__.upper())
+    a = vars(p.parse_args(argv))
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        cfg = config_cls(**{k: v for k, v in a.items() if k not in model_keys},
+                         model=ModelConfig(**{k: v for k, v in a.items() if k in model_keys}))
+        validate(cfg)
+    except ValueError as e:
+        p.error(str(e).replace("ModelConfig.", "--"))   # ModelConfig's fields are flags too
+    return cfg
+
+
+def level_weights(cfg) -> list:
+    """--level_weights "1,1,1,2" -> [1.0, 1.0, 1.0, 2.0], one per level of LEVELS."""
+    try:
+        w = [float(x) for x in cfg.level_weights.split(",")]
+    except ValueError:
+        w = []
+    if len(w) != len(LEVELS) or not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"--level_weights={cfg.level_weights!r}: must be {len(LEVELS)} comma-"
+                         f"separated numbers >= 0, not all 0 (one per level: {','.join(LEVELS)})")
+    return w
+
+
+def accum_steps(cfg, world: int) -> int:
+    """Micro-steps per rank: --grad_accum shared among the ranks (rounded up, so that no rank's
+    micro-batch is larger than one process's), keeping the global batch fixed."""
+    return -(-cfg.grad_accum // world)
+
+
+POSITIVE = ("batch_size", "block_size", "grad_accum", "prompts_per_step", "max_new_tokens", "mu",
+            "n_test", "grpo_eval_n", "eval_batch", "log_every",
+            "sft_epochs", "sft_batch", "rs_samples", "student_dim")
+NON_NEGATIVE = ("pretrain_steps", "grpo_steps", "warmup_steps", "eval_every", "grpo_eval_every",
+                "top_k", "threads", "beta", "weight_decay", "ckpt_every", "grpo_ckpt_every",
+                "cold_start", "rs_prompts", "r1_grpo_steps", "student_layers",
+                "student_pretrain_steps", "student_grpo_steps")
+
+
+def validate(cfg):
+    """Every setting that cannot work -> ValueError("--flag=value: rule"), before anything runs."""
+    def need(ok, name, rule):
+        if not ok:
+            raise ValueError(f"--{name}={getattr(cfg, name)!r}: {rule}")
+    need(cfg.stage in ("all", "pretrain", "grpo", "eval") + RECIPE_STAGES, "stage",
+         "must be all, pretrain, grpo or eval (R1-Zero), or sft, rejection, distill or r1 "
+         "(the R1 recipe)")
+    need(cfg.agg in ("seq", "token", "constant"), "agg", "must be seq, token or constant")
+    need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
+    need(0.0 <= cfg.think_frac <= 1.0, "think_frac", "must be in [0, 1]")
+    level_weights(cfg)
+    for name in POSITIVE:
+        need(getattr(cfg, name) > 0, name, "must be > 0")
+    for name in NON_NEGATIVE:
+        need(getattr(cfg, name) >= 0, name, "must be >= 0")
+    for f in dataclasses.fields(cfg.model):
+        value = getattr(cfg.model, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name}={value!r}: must be a finite number")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f.name,
+             "must be a finite number")
+    need(cfg.group_size >= 2, "group_size",
+         "must be >= 2 (advantages compare completions of a prompt)")
+    need(cfg.lr > 0, "lr", "must be > 0")
+    need(cfg.grpo_lr > 0, "grpo_lr", "must be > 0")
+    need(cfg.grad_clip > 0, "grad_clip",
+         "must be > 0 (the gradient norm is clipped to it; 0 would zero it)")
+    need(cfg.temperature > 0, "temperature", "must be > 0")
+    need(0 <= cfg.clip_low < 1 and cfg.clip_high >= 0, "clip_low",
+         "need 0 <= clip_low < 1 and clip_high >= 0")
+    need(0 <= cfg.min_lr_frac <= 1, "min_lr_frac", "must be in [0, 1]")
+    max_len = cfg.model.max_seq_len
+    need(cfg.block_size <= max_len, "block_size", f"must be <= --max_seq_len={max_len}")
+    need(cfg.max_new_tokens + MAX_PROMPT_TOKENS <= max_len, "max_new_tokens",
+         f"must be <= --max_seq_len={max_len} - {MAX_PROMPT_TOKENS} (room for the prompt)")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device), "device",
+         "must be auto, cpu, cuda or cuda:N")
+    need(not cfg.device.startswith("cuda") or torch.cuda.is_available(), "device",
+         "CUDA is not available here")
+    need(not (cfg.resume and cfg.stage not in ("all", "pretrain", "grpo")), "resume",
+         "only a training stage (all, pretrain, grpo) resumes; eval and the R1-recipe stages run "
+         "again from the start")
+    need(cfg.sft_lr > 0, "sft_lr", "must be > 0")
+    world = int(os.environ.get("WORLD_SIZE", 1))   # processes started by torchrun (1 without it)
+    accum = accum_steps(cfg, world)
+    need(cfg.batch_size % (accum * world) == 0, "batch_size",
+         f"the global batch must split into {world} ranks x {accum} micro-steps")
+    need(cfg.prompts_per_step % world == 0, "prompts_per_step",
+         f"must be divisible by the world size {world}")
+    need(world == 1 or cfg.stage not in RECIPE_STAGES, "stage",
+         f"{cfg.stage} runs in one process (the R1-recipe stages do not shard over torchrun's "
+         f"ranks)")
+
+
+def config_error(message: str):
+    """A setting that cannot work: one line on stderr and exit code 2, like a bad flag."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def first_line(e: Exception) -> str:
+    why = (str(e).strip().splitlines() or [""])[0][:200]
+    return type(e).__name__ + (f": {why}" if why else "")
+
+
+def prepare_out_dir(cfg, rank: int):
+    """out_dir must exist and be writable before any work is done (one line and exit 2 if not)."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, f".write-test-{rank}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        config_error(f"--out_dir={cfg.out_dir!r}: must be a writable directory ({e.strerror or e})")
+
+
+# -----------------------------------------------------------------------------
+# torchrun: process group, rank 0's prints, all-reduce, DDP
+
+def setup(cfg):
+    """Returns (rank, world, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE in each process
+    it starts: then join the process group (nccl on CUDA, one GPU per process: cuda:LOCAL_RANK;
+    gloo on CPU). A plain `python nanor1.py` is a world of one and touches nothing distributed."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return rank, world, torch.device(device)
+
+
+def teardown():
+    """Leave the process group together: no rank tears its connections down while another still
+    works (rank 0 writing plots) or is about to."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rank_and_world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def print0(*args, **kw):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kw, flush=True)
+
+
+def autocast(cfg, device):
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def pad_left(seqs: list, pad: int, device):
+    """Token lists -> tokens (B, P) left-padded with pad, key_mask (B, P) False on the padding."""
+    P = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), P), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), P, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        tokens[i, P - len(s):] = torch.tensor(s)
+        mask[i, P - len(s):] = True
+    return tokens.to(device), mask.to(device)
+
+
+def pack_rows(docs, queue: list, rows: int, block_size: int, eot: int):
+    """Pack documents (token lists from the iterator docs) into `rows` rows of block_size + 1
+    tokens -> x, y (rows, block_size): inputs and next-token targets, -1 on the padding. A row is
+    eot, then whole documents, never split, taken first fit from the queue (kept at 16 documents,
+    and kept by the caller for the next batch), so every document is used and the padded tail of
+    a row is short."""
+    T, xs, ys = block_size + 1, [], []
+    for _ in range(rows):
+        row = [eot]
+        while True:
+            while len(queue) < 16:
+                doc = next(docs)
+                if len(doc) + 1 > T:
+                    raise SystemExit(f"error: --block_size={block_size} is shorter than a "
+                                     f"document ({len(doc) + 1} tokens)")
+                queue.append(doc)
+            fit = next((i for i, d in enumerate(queue) if len(row) + len(d) <= T), None)
+            if fit is None:
+                break
+            row += queue.pop(fit)
+        xs.append(row[:-1] + [eot] * (T - len(row)))
+        ys.append(row[1:] + [-1] * (T - len(row)))
+    return torch.tensor(xs), torch.tensor(ys)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def wrap_ddp(model, device):
+    """DistributedDataParallel under torchrun (the model itself otherwise): backward averages the
+    gradients over the ranks.
+
+    MoE: an expert that received no tokens on this rank takes no part in its backward, and plain
+    DDP then waits for that gradient forever ("Expected to have finished reduction in the prior
+    iteration"). find_unused_parameters=True makes DDP walk the autograd graph after each forward
+    and count such parameters as zero from this rank, so the average is exactly one process's
+    gradient over the same global batch, and an expert idle on every rank keeps grad None and is
+    skipped by AdamW, as in one process. (The alternative, adding 0 * every expert's output to the
+    loss, would hand idle experts zero gradients that AdamW still steps with momentum and weight
+    decay, and would put a trick into moe.py.) The graph walk costs little next to the expert loop.
+
+    forward_sync_buffers=False: no buffer needs DDP's broadcast from rank 0 before a forward. The
+    router biases stay identical because every rank applies the same update, from the loads summed
+    over ranks (Transformer.update_router_biases); the loads (Gate.load) are this rank's own counts
+    and must not be replaced by rank 0's (harmless today only because the broadcast comes when they
+    are all zero); the rope table is a constant.
+    """
+    if not dist.is_initialized():
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True, forward_sync_buffers=False)
+
+
+def is_ddp(model) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def grpo_rank_shares(keep: torch.Tensor, comp_mask: torch.Tensor, device, world: int):
+    """GRPO under DDP: which completions this rank trains on, and its loss scales.
+
+    -> (rows, share_rows, share_tok): rows, the indices of this rank's kept completions (None when
+    no rank kept any: then there is no update this step, on every rank alike); share_rows and
+    share_tok, this rank's share of the kept rows and tokens of all ranks, relative to an even
+    split (1.0 in one process, or when every rank keeps as many). The loss is scaled by it, so
+    that DDP's average over ranks is exactly the loss of the whole batch, however unevenly groups
+    were dropped (drop_zero_std). A rank all of whose groups were dropped still has to join the
+    backward, or DDP waits for it forever: it trains on one row at weight 0 (share_rows 0), which
+    the caller runs in eval mode (no router counts, no balance loss)."""
+    rows = keep.nonzero().squeeze(1).to(device)
+    kept = torch.tensor([len(rows), comp_mask[rows].sum().item()], dtype=torch.float64,
+                        device=device)
+    kept_all = all_reduce_sum(kept.clone())
+    share_rows, share_tok = (world * kept / kept_all.clamp_min(1)).tolist()
+    if kept_all[0] == 0:
+        return None, share_rows, share_tok
+    return (rows if len(rows) else rows.new_zeros(1)), share_rows, share_tok
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and files: written atomically, read with one clear line when they are broken
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w"):
+    """Write to path.tmp, flush it to disk, then rename it over path, so that a kill at any moment
+    leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj):
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_jsonl(path: str, records: list):
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def save_checkpoint(path, model, cfg, **extra):
+    """Atomic (see atomic_write). Plain types only (tensors, numbers, strings, dicts and lists of
+    them), so torch.load(weights_only=True) reads it."""
+    raw = model.module if hasattr(model, "module") else model
+    raw = getattr(raw, "_orig_mod", raw)
+    ckpt = {"model": raw.state_dict(), "model_config": dataclasses.asdict(raw.cfg),
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}, **extra}
+    with atomic_write(path, "wb") as f:
+        torch.save(ckpt, f)
+
+
+def read_checkpoint(path, device) -> dict:
+    """torch.load(weights_only=True), with one clear line for a missing, truncated or corrupted
+    file."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path} not found (run the pretrain stage first, or "
+                         f"pass --init_from)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"model", "model_config", "config"} <= ckpt.keys():
+            raise ValueError("no model, model_config and config entries")
+    except Exception as e:
+        raise SystemExit(f"error: cannot load checkpoint {path}: file is truncated, corrupted or "
+                         f"not a nanor1 checkpoint ({first_line(e)})")
+    return ckpt
+
+
+def load_checkpoint(path, device):
+    """-> (model, checkpoint dict). A clear error for a missing or unreadable file."""
+    ckpt = read_checkpoint(path, device)
+    try:
+        model = Transformer(ModelConfig(**ckpt["model_config"])).to(device)
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # weights of another model, or a config this version does not know
+        raise SystemExit(f"error: cannot load checkpoint {path}: weights do not match its config "
+                         f"({first_line(e)})")
+    return model, ckpt
+
+
+def stage_cfg(cfg, *parts, **changes):
+    """The run's settings with changes, writing checkpoints and metrics into out_dir/parts/."""
+    out = os.path.join(cfg.out_dir, *parts)
+    os.makedirs(out, exist_ok=True)
+    return dataclasses.replace(cfg, out_dir=out, **changes)
+
+
+def load_base_model(cfg, device, resume_grpo=None):
+    """The model a stage without pretraining starts from: --init_from, or out_dir/final.pt for
+    eval and out_dir/base.pt otherwise. resume_grpo: the GRPO checkpoint resumed, which must hold
+    the same model (this one is its frozen reference)."""
+    default = "final.pt" if cfg.stage == "eval" else "base.pt"
+    path = cfg.init_from or os.path.join(cfg.out_dir, default)
+    model, _ = load_checkpoint(path, device)
+    print0(f"loaded {path}")
+    if resume_grpo and dataclasses.asdict(model.cfg) != resume_grpo["model_config"]:
+        config_error(f"cannot resume: {path} (the GRPO reference) holds another model than "
+                     f"{cfg.out_dir}/ckpt.pt")
+    return model
+
+
+def load_stage_model(cfg, device, default: str):
+    """--init_from, or out_dir/default -> (model, its path)."""
+    path = cfg.init_from or os.path.join(cfg.out_dir, default)
+    model, _ = load_checkpoint(path, device)
+    print0(f"loaded {path} ({model.num_params() / 1e6:.2f}M params)")
+    return model, path
+
+
+def read_sft_data(path: str, is_heldout) -> list:
+    """--sft_data: {prompt, completion} records, one JSON object a line (what rejection sampling
+    writes). Refused with one line: a missing file, a bad line, a held-out problem."""
+    if not os.path.exists(path):
+        config_error(f"--sft_data={path!r}: no such file")
+    records = []
+    for n, line in enumerate(open(path), 1):
+        try:
+            r = json.loads(line)
+            if not (isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)):
+                raise ValueError("needs string fields prompt and completion")
+        except (ValueError, AttributeError) as e:
+            config_error(f"--sft_data={path!r}: line {n}: {first_line(e)}")
+        if is_heldout(r["prompt"].removesuffix("=")):
+            config_error(f"--sft_data={path!r}: line {n}: {r['prompt']!r} is a held-out problem")
+        records.append(r)
+    return records
+
+
+def log_metrics(cfg, record: dict):
+    if int(os.environ.get("RANK", 0)) == 0:
+        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def start_metrics(cfg, resume, rank: int):
+    """The metrics log of this run: on resume, cut back to the checkpoint; a new pretraining
+    starts an empty one; a GRPO stage keeps the pretraining records and drops an old GRPO run's."""
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rank != 0:
+        return
+    if resume:
+        truncate_metrics(cfg, resume["stage"], resume["step"])
+    elif cfg.stage in ("all", "pretrain") and os.path.exists(path):
+        os.remove(path)
+    elif cfg.stage == "grpo":
+        truncate_metrics(cfg, "grpo", 0)
+
+
+def truncate_metrics(cfg, stage: str, step: int):
+    """On resume, drop the log records written after the checkpoint (those steps run again) and
+    any line a kill cut short."""
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    order = {"pretrain": 0, "grpo": 1}
+    keep = []
+    for line in open(path):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            r = json.loads(line)
+            if (order[r["stage"]], r["step"]) <= (order[stage], step):
+                keep.append(r)
+    write_jsonl(path, keep)
+
+
+# -----------------------------------------------------------------------------
+# Resume: out_dir/ckpt.pt holds the model, the optimizer and the step; a resumed run must have
+# the settings of the run that wrote it, except those that do not change what it computes.
+
+RESUME_FREE = {"stage", "out_dir", "init_from", "resume", "device", "threads", "compile",
+               "log_every", "eval_every", "ckpt_every", "grpo_eval_every", "grpo_ckpt_every",
+               "grpo_eval_n", "n_test", "eval_batch",
+               # the R1-recipe stages' settings: an R1-Zero run (all, pretrain, grpo) never reads
+               "sft_data", "sft_epochs", "sft_batch", "sft_lr", "cold_start", "rs_prompts",
+               "rs_samples", "r1_grpo_steps", "student_dim", "student_layers",
+               "student_pretrain_steps", "student_grpo_steps"}
+
+
+def read_resume_checkpoint(cfg, device, vocab_size: int):
+    """--resume: out_dir/ckpt.pt, checked against this run's settings before anything runs or is
+    written. None if there is none yet: the run was stopped before its first checkpoint."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        print0(f"--resume: no {path} yet, so starting from the beginning")
+        return None
+    ckpt = read_checkpoint(path, device)
+    training = {"stage", "step", "optimizer"} <= ckpt.keys()
+    if not training or ckpt["stage"] not in ("pretrain", "grpo"):
+        raise SystemExit(f"error: cannot resume from {path}: not a training checkpoint (no stage, "
+                         f"step and optimizer state)")
+    then = {**ckpt["config"], **ckpt["model_config"]}
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
+    now.update(dataclasses.asdict(dataclasses.replace(cfg.model, vocab_size=vocab_size)))
+    diff = [f"--{k} {then.get(k, '(unset)')!r} there, {v!r} now" for k, v in now.items()
+            if k not in RESUME_FREE and then.get(k, "(unset)") != v]
+    if diff:
+        config_error(f"cannot resume from {path}: it was written with other settings: "
+                     f"{'; '.join(diff)} (resume with that run's flags, or start a new run with "
+                     f"another --out_dir)")
+    where = f"{path} is at {ckpt['stage']} step {ckpt['step']}"
+    if ckpt["stage"] == "pretrain" and cfg.stage == "grpo":
+        config_error(f"cannot resume with --stage grpo: {where}; resume with --stage all or "
+                     f"pretrain")
+    if ckpt["stage"] == "grpo" and cfg.stage == "pretrain":
+        config_error(f"nothing to resume with --stage pretrain: {where}, pretraining is done")
+    print0(f"resuming: {where}")
+    return ckpt
+
+
+def restore_optimizer(opt, resume) -> int:
+    """Load a training checkpoint's optimizer state -> the step to continue from (0: none)."""
+    if not resume:
+        return 0
+    opt.load_state_dict(resume["optimizer"])
+    return resume["step"]
+
+
+# -----------------------------------------------------------------------------
+# Stopping safely. A kill (SIGKILL, a crash, a power cut) loses at most the steps since the last
+# checkpoint: the training loops write out_dir/ckpt.pt every ckpt_every steps, atomically, with
+# the optimizer state, and draw each step's randomness from (seed, step, rank) alone, so --resume
+# repeats exactly what the lost steps did. Ctrl-C (SIGINT) or SIGTERM during training loses
+# nothing: the step finishes, ckpt.pt is written, and the run exits with 128 + the signal number
+# (130 for Ctrl-C) after printing the command that resumes it. Outside the training loops
+# (evaluations, plots) it exits at once: the last checkpoint already holds every finished step.
+
+_RUN = {"argv": [], "signal": None, "in_loop": False}   # argv: the flags that resume this run
+
+
+def remember_resume_flags(cfg, argv: list):
+    """The flags that resume this run (None: an R1-recipe stage, which runs again instead)."""
+    if cfg.stage in RECIPE_STAGES:
+        _RUN["argv"] = None
+    else:
+        _RUN["argv"] = argv if cfg.resume else argv + ["--resume"]
+
+
+def resume_command() -> str:
+    prog = sys.argv[0] if sys.argv[0].endswith(".py") else "nanor1.py"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    launch = f"torchrun --standalone --nproc_per_node={world} {prog}" if world > 1 else \
+        f"python {prog}"
+    return f"{launch} {shlex.join(_RUN['argv'])}"
+
+
+def how_to_resume() -> str:
+    if _RUN["argv"] is None:
+        return "this stage does not resume: run it again"
+    return f"resume with: {resume_command()}"
+
+
+def on_signal(signum, frame):
+    if _RUN["in_loop"] and _RUN["signal"] is None:   # the training loop stops after this step
+        _RUN["signal"] = signum
+        os.write(2, b"\nstopping: finishing this step and saving a checkpoint "
+                    b"(again to stop at once)\n")
+        return
+    os.write(2, f"\nstopped by {signal.Signals(signum).name}; {how_to_resume()}\n".encode())
+    raise SystemExit(128 + signum)
+
+
+def install_signal_handlers():
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+
+@contextlib.contextmanager
+def training_loop():
+    """Inside: a signal lets the current step finish (checkpoint_or_stop then saves and exits)."""
+    _RUN["in_loop"] = True
+    try:
+        yield
+    finally:
+        _RUN["in_loop"] = False
+
+
+def checkpoint_or_stop(cfg, model, opt, stage: str, step: int, total: int, every: int, rank: int,
+                       device):
+    """After each finished step: write out_dir/ckpt.pt every `every` steps and after the last one;
+    after a signal, write it now and exit. Every rank stops at the same step."""
+    stop = _RUN["signal"] is not None
+    if dist.is_initialized():
+        stop = all_reduce_sum(torch.tensor(float(stop), device=device)).item() > 0
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if rank == 0 and (stop or step == total or (every and step % every == 0)):
+        save_checkpoint(path, model, cfg, stage=stage, step=step, optimizer=opt.state_dict())
+    if stop:
+        signum = _RUN["signal"] or signal.SIGINT
+        print0(f"stopped by {signal.Signals(signum).name} at {stage} step {step}/{total}, saved "
+               f"{path}; {how_to_resume()}")
+        sys.exit(128 + signum)
+
+
+def clipped_step(cfg, model, opt, lr: float, loss: float, stage: str, step: int, total: int,
+                 lr_flag: str):
+    """The optimizer step of every stage: clip the gradient norm to grad_clip, stop on a
+    non-finite loss or gradient (check_finite), then step opt at lr and zero the gradients."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    check_finite(cfg, stage, step, total, loss, norm.item(), lr_flag)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def check_finite(cfg, stage: str, step: int, total: int, loss: float, grad_norm: float,
+                 lr_flag: str):
+    """A NaN or infinite loss or gradient stops the run before the update reaches the weights, so
+    the last checkpoint stays the last good one."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        kept = f"the last checkpoint, {path}, is kept" if os.path.exists(path) else \
+            "no checkpoint was written"
+        raise SystemExit(f"error: non-finite loss at {stage} step {step}/{total} (loss {loss:.4g}, "
+                         f"grad norm {grad_norm:.4g}): stopped before the update; {kept}. "
+                         f"Try a lower {lr_flag}")
+
+
+# -----------------------------------------------------------------------------
+# Progress lines with an ETA, and MFU
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """The progress line of a training loop, every `every` steps: "name step/total | ... | eta".
+    seconds_per_step() is measured since the last line; the ETA from the mean step time since
+    the loop started (or resumed at `start`). max_seconds > 0: the loop stops at that wall time,
+    so the line counts seconds instead of steps."""
+
+    def __init__(self, cfg, name: str, total: int, every: int, start: int = 0, digits: int = 4,
+                 max_seconds: float = 0, tokens_per_step: int = 0, flops_per_token: float = 0,
+                 peak=None):
+        self.cfg, self.name, self.total, self.every, self.digits = cfg, name, total, every, digits
+        self.start, self.max_seconds = start, max_seconds
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak = peak
+        self.t_start = self.t_last = time.time()
+        self.step_last = start
+
+    def due(self, step: int) -> bool:
+        """step: steps done so far (1-based)."""
+        return step % self.every == 0 or step == self.total
+
+    def elapsed(self) -> float:
+        return time.time() - self.t_start
+
+    def out_of_time(self) -> bool:
+        return 0 < self.max_seconds <= self.elapsed()
+
+    def seconds_per_step(self, step: int) -> float:
+        """Wall time per step since the last line (and starts the next interval)."""
+        now = time.time()
+        dt = (now - self.t_last) / (step - self.step_last)
+        self.t_last, self.step_last = now, step
+        return dt
+
+    def line(self, step: int, fields: str, last: bool = False):
+        """Print "name step/total | fields | eta" (rank 0); last: the loop ends after this step."""
+        elapsed = self.elapsed()
+        eta = 0 if last else elapsed / (step - self.start) * (self.total - step)
+        of = f"{self.total}"
+        if self.max_seconds:
+            eta = min(eta, max(0, self.max_seconds - elapsed))
+            of = f"{elapsed:.0f}s/{self.max_seconds:.0f}s"
+        print0(f"{self.name} {step:0{self.digits}d}/{of} | {fields} | eta {fmt_time(eta)}")
+
+
+# Dense bf16 tensor-core peaks (FLOP/s per GPU: fp32 accumulate, no 2:4 sparsity) from NVIDIA's
+# datasheets, as regexes tried in order on torch.cuda.get_device_name(). Not listed: "unknown".
+PEAK_FLOPS = [(r"H100.*PCIe", 756e12), (r"H[12]00.*NVL", 835e12),
+              (r"H100|H200", 989e12),  # SXM, GH200
+              (r"B200", 2250e12), (r"A100|A800", 312e12), (r"\bA30\b", 165e12),
+              (r"\bA10\b", 125e12), (r"L40S", 362e12), (r"\bL40\b", 181e12), (r"\bL4\b", 121e12),
+              (r"RTX A6000", 155e12), (r"RTX 4090", 165e12), (r"RTX 3090", 71e12)]
+
+
+def peak_flops(device) -> float:
+    """Peak FLOP/s for MFU: a table for GPUs (None = unknown), a measured fp32 matmul on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for pattern, v in PEAK_FLOPS if re.search(pattern, name)), None)
+    return _cpu_matmul_peak(torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_matmul_peak(threads: int) -> float:
+    """The best of several timed rounds of a large fp32 matmul (the first rounds warm up the
+    threads and caches, and a shared machine is noisy; the best round is the closest to the peak).
+    Measured once per thread count (~0.3 s)."""
+    n, best = 1024, float("inf")
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(8):
+        t = time.perf_counter()
+        for _ in range(2):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / 2)
+    return 2 * n ** 3 / best
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, world: int, peak) -> str:
+    """Model FLOP utilisation of one rank, as text ("unknown" without a peak)."""
+    return f"{100 * flops_per_token * tokens_per_second / world / peak:.0f}%" if peak else "unknown"

@@ -1,0 +1,277 @@
+"""
+report.py -- what nanor1 shows of a run: progress fields, result tables, out/summary.json and the
+plots in out/nanor1.png. Nothing in this file is R1: start with nanor1.py.
+"""
+import contextlib
+import json
+import os
+
+import torch
+
+from data import LEVELS
+from plumbing import all_reduce_sum, fmt_time, log_metrics, mfu, print0, write_json
+
+
+def levels_line(res: dict) -> str:
+    """An evaluation in one line: accuracy per level, then think rate and length overall."""
+    return " | ".join(f"{k} {v['accuracy']:.2f}" for k, v in res.items()) + \
+        f" | think {res['overall']['think_rate']:.2f} | len {res['overall']['mean_length']:.1f}"
+
+
+def level_rates(sums: torch.Tensor, levels: list) -> dict:
+    """sums (levels, 5): n, correct, think, length, format per level -> {level and "overall":
+    {accuracy, think_rate, mean_length, format}}."""
+    def rates(s):
+        n = max(s[0].item(), 1)
+        return {"accuracy": s[1].item() / n, "think_rate": s[2].item() / n,
+                "mean_length": s[3].item() / n, "format": s[4].item() / n}
+    res = {lvl: rates(sums[li]) for li, lvl in enumerate(levels)}
+    res["overall"] = rates(sums.sum(0))
+    return res
+
+
+def levels_summary(res: dict) -> dict:
+    return {k: {"accuracy": v["accuracy"], "think_rate": v["think_rate"],
+                "mean_length": v["mean_length"]} for k, v in res.items()}
+
+
+def params(model) -> str:
+    return (f"{model.num_params() / 1e6:.2f}M params "
+            f"({model.num_params(active=True) / 1e6:.2f}M active)")
+
+
+def pretrain_banner(cfg, model) -> str:
+    return (f"pretraining: {params(model)}, {cfg.pretrain_steps} steps x "
+            f"{cfg.batch_size * cfg.block_size} tokens, think_frac {cfg.think_frac}, "
+            f"levels {cfg.level_weights} ({','.join(LEVELS)})")
+
+
+def log_pretrain_step(cfg, progress, step: int, losses: list, lr: float, loads, device, world):
+    """The progress line and metrics record of pretraining: the mean loss of the steps since the
+    last line (over all ranks), throughput, MFU, and how unevenly the experts were loaded (loads:
+    (MoE layers, experts) tokens per expert in the last step; max/mean 1.00 = balanced)."""
+    dt = progress.seconds_per_step(step)
+    loss = all_reduce_sum(torch.tensor(sum(losses) / len(losses), device=device)).item() / world
+    tok_s = progress.tokens_per_step / dt
+    busiest = (loads.max(1).values / loads.mean(1).clamp_min(1)).mean().item() \
+        if loads.numel() else 0
+    util = mfu(progress.flops_per_token, tok_s, world, progress.peak)
+    progress.line(step, f"loss {loss:.3f} | lr {lr:.1e} | {1000 * dt:.0f}ms | "
+                        f"{tok_s / 1e3:.1f}k tok/s | mfu {util} | expert max/mean {busiest:.2f}")
+    log_metrics(cfg, {"stage": "pretrain", "step": step, "loss": loss, "lr": lr, "tok_s": tok_s,
+                      "expert_load": loads.tolist()})
+
+
+def grpo_banner(cfg, max_seconds: float) -> str:
+    return (f"GRPO: {'up to ' if max_seconds else ''}{cfg.grpo_steps} steps x "
+            f"{cfg.prompts_per_step} prompts x G={cfg.group_size}, lr {cfg.grpo_lr}, "
+            f"beta {cfg.beta}, clip [{1 - cfg.clip_low:.2f}, {1 + cfg.clip_high:.2f}], "
+            f"agg {cfg.agg}"
+            + (f", stopping after {max_seconds:.0f}s of wall time" if max_seconds else ""))
+
+
+GRPO_KEYS = ["reward", "acc", "fmt", "length", "think", "kl", "clip_frac", "entropy", "zero_std",
+             "truncated", "loss"]
+
+
+def grpo_record(step: int, rewards, acc, fmt, lengths, texts, zero_std, truncated, stats: dict,
+                loads, t_gen: float, t_update: float, device, world: int) -> dict:
+    """GRPO's record of a step: GRPO_KEYS, each the mean over all ranks (every rank holds as many
+    completions; kl, clip_frac and entropy come in weighted by the rank's token share), then
+    the step, its times and the expert loads."""
+    think = torch.tensor([t.startswith("<think>") for t in texts], dtype=torch.float)
+    m = torch.tensor([rewards.mean(), acc.mean(), fmt.mean(), lengths.float().mean().item(),
+                      think.mean(), stats["kl"], stats["clip_frac"], stats["entropy"],
+                      zero_std.float().mean(), truncated.float().mean().item(), stats["loss"]],
+                     dtype=torch.float64)
+    m = (all_reduce_sum(m.to(device)) / world).cpu().tolist()
+    rec = dict(zip(GRPO_KEYS, m), stage="grpo", step=step, t_gen=t_gen, t_update=t_update)
+    if loads is not None and loads.numel():
+        rec["expert_load"] = loads.tolist()
+    return rec
+
+
+def grpo_fields(rec: dict) -> str:
+    return (f"reward {rec['reward']:.2f} (acc {rec['acc']:.2f} fmt {rec['fmt']:.2f}) | "
+            f"len {rec['length']:5.1f} | think {rec['think']:.2f} | kl {rec['kl']:.3f} | "
+            f"clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | "
+            f"zero-std {rec['zero_std']:.2f} | trunc {rec['truncated']:.2f} | "
+            f"gen {rec['t_gen']:.1f}s train {rec['t_update']:.1f}s")
+
+
+def stage_record(cfg, name: str, seconds: float, res: dict, **extra) -> dict:
+    """An R1-recipe stage's record for the summary, from its held-out evaluation res (printed)."""
+    print0(f"{name} ({fmt_time(seconds)}): held-out (greedy, {cfg.n_test}/level): "
+           + levels_line(res))
+    return {"name": name, "wall_seconds": seconds, "heldout": levels_summary(res), **extra}
+
+
+def distill_result(stages: list, student, teacher, teacher_path: str, traces: int, rl_steps: int,
+                   rl_seconds: float, distilled_seconds: float) -> dict:
+    """--stage distill's comparison, for summary.json (printed): held-out results per model."""
+    heldout = {s["name"]: s["heldout"] for s in stages}
+    result = dict(student_rl=heldout["student_grpo"], student_distilled=heldout["student_sft"],
+                  teacher=heldout["teacher_traces"], student_base=heldout["student_pretrain"],
+                  student_params=student.num_params(), teacher_params=teacher.num_params(),
+                  student_rl_seconds=rl_seconds, student_rl_steps=rl_steps,
+                  student_distilled_seconds=distilled_seconds, traces=traces,
+                  teacher_checkpoint=teacher_path)
+    print0(distill_line(result))
+    return result
+
+
+def distill_line(r: dict) -> str:
+    acc = lambda levels: f"{levels['overall']['accuracy']:.2f}"
+    return (f"\nstudent ({r['student_params'] / 1e6:.2f}M params, teacher "
+            f"{r['teacher_params'] / 1e6:.2f}M), held-out accuracy: "
+            f"base {acc(r['student_base'])} | "
+            f"RL {acc(r['student_rl'])} ({r['student_rl_steps']} GRPO steps, "
+            f"{fmt_time(r['student_rl_seconds'])}) | distilled {acc(r['student_distilled'])} "
+            f"({r['traces']} traces, {fmt_time(r['student_distilled_seconds'])}) | "
+            f"teacher {acc(r['teacher'])}")
+
+
+def summary_table(base: dict, final: dict) -> str:
+    lines = [f"{'level':<8} {'acc base':>9} {'acc final':>9} {'think base':>10} "
+             f"{'think final':>11} {'len base':>8} {'len final':>9}"]
+    for k in base:
+        b, f = base[k], final.get(k, {}) if final else {}
+        g = lambda d, key, spec: format(d[key], spec) if key in d else "-"
+        lines.append(f"{k:<8} {g(b, 'accuracy', '9.2f')} {g(f, 'accuracy', '9.2f')} "
+                     f"{g(b, 'think_rate', '10.2f')} {g(f, 'think_rate', '11.2f')} "
+                     f"{g(b, 'mean_length', '8.1f')} {g(f, 'mean_length', '9.1f')}")
+    return "\n".join(lines)
+
+
+def stages_table(stages: list) -> str:
+    """Held-out greedy accuracy per level after each stage, then think rate and length overall."""
+    levels = list(stages[0]["heldout"])
+    lines = [f"{'stage':<17} {'wall':>6} " + " ".join(f"{k:>7}" for k in levels) +
+             f" {'think':>6} {'len':>6}"]
+    for s in stages:
+        h = s["heldout"]
+        lines.append(f"{s['name']:<17} {fmt_time(s['wall_seconds']):>6} " +
+                     " ".join(f"{h[k]['accuracy']:7.2f}" for k in levels) +
+                     f" {h['overall']['think_rate']:6.2f} {h['overall']['mean_length']:6.1f}")
+    return "\n".join(lines)
+
+
+def finish_r1_zero(cfg, wall: dict, base: dict, sampled: dict, forced: dict, final):
+    """Rank 0 at the end of an R1-Zero run: out_dir/summary.json, the plots, the table."""
+    summary = {"seed": cfg.seed, "wall_seconds": wall, "base": levels_summary(base),
+               "base_sampled": levels_summary(sampled),
+               "base_forced_think": levels_summary(forced["think"]),
+               "base_forced_answer": levels_summary(forced["answer"])}
+    if final:
+        summary["final"] = levels_summary(final)
+    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    make_plots(cfg, base, final)
+    print0("\n" + summary_table(base, final or {}))
+    print0("\nwall time: " + ", ".join(f"{k} {fmt_time(v)}" for k, v in wall.items()) +
+           f" | wrote {cfg.out_dir}/summary.json, {cfg.out_dir}/nanor1.png")
+
+
+def finish_recipe(cfg, stages: list, extra: dict, seconds: float):
+    """At the end of an R1-recipe stage: its results merged into summary.json, and its table."""
+    merge_summary(cfg, cfg.stage, stages, **extra)
+    print0("\n" + stages_table(stages))
+    print0(f"\nwall time {fmt_time(seconds)} | wrote {cfg.out_dir}/{cfg.stage}/, "
+           f"{cfg.out_dir}/summary.json")
+
+
+def merge_summary(cfg, pipeline: str, stages: list, **extra):
+    """Merge an R1-recipe stage's results into out_dir/summary.json, keeping what other runs wrote
+    there (the R1-Zero run's base and final, other stages'): its stages replace its earlier ones."""
+    path = os.path.join(cfg.out_dir, "summary.json")
+    summary = {}
+    if os.path.exists(path):
+        with contextlib.suppress(ValueError, OSError):
+            summary = json.load(open(path))
+        if not isinstance(summary, dict) or not isinstance(summary.get("stages", []), list):
+            print0(f"warning: {path} is not a nanor1 summary; writing a new one")
+            summary = {}
+    stages = [{"name": s["name"], "pipeline": pipeline, **s} for s in stages]
+    summary["stages"] = [s for s in summary.get("stages", []) if s.get("pipeline") != pipeline]
+    summary["stages"] += stages
+    summary.update(extra)
+    write_json(path, summary)
+
+
+def make_plots(cfg, base: dict, final: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    recs = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    pre = [r for r in recs if r["stage"] == "pretrain"]
+    rl = [r for r in recs if r["stage"] == "grpo"]
+    ev = [r for r in rl if "heldout" in r]
+    fig, ax = plt.subplots(2, 3, figsize=(16, 8.5))
+    ax = ax.flatten()
+    if pre:
+        ax[0].plot([r["step"] for r in pre], [r["loss"] for r in pre])
+        ax[0].set(title="pretraining loss", xlabel="step", ylabel="cross-entropy (nats/token)",
+                  yscale="log")
+    if rl:
+        steps = [r["step"] for r in rl]
+
+        def smooth(xs, k=10):
+            return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1])
+                    for i in range(len(xs))]
+        ax[1].plot(steps, smooth([r["reward"] for r in rl]), label="train reward")
+        ax[1].plot(steps, smooth([r["acc"] for r in rl]), label="train accuracy")
+        # held-out greedy evaluations, the base model's at GRPO step 0
+        ev_steps = [0] + [r["step"] for r in ev]
+        ev_res = [base] + [r["heldout"] for r in ev]
+        ax[1].plot(ev_steps, [r["overall"]["accuracy"] for r in ev_res], "o-",
+                   label="held-out accuracy (greedy)")
+        ax[1].set(title="GRPO: reward and accuracy", xlabel="GRPO step", ylim=(0, 1.25))
+        ax[1].legend()
+        ax[2].plot(steps, smooth([r["length"] for r in rl]), color="C3",
+                   label="mean response length")
+        ax[2].set(title="R1-Zero signature: responses grow (samples)", xlabel="GRPO step",
+                  ylabel="tokens")
+        tw = ax[2].twinx()
+        tw.plot(steps, smooth([r["think"] for r in rl]), color="C2", label="think rate")
+        tw.set(ylabel="share of samples that think", ylim=(0, 1.05))
+        ax[2].legend(loc="upper left")
+        tw.legend(loc="lower right")
+        ax[5].plot(ev_steps, [r["overall"]["mean_length"] for r in ev_res], "o-", color="C3",
+                   label="mean response length")
+        ax[5].set(title="held-out, greedy: length and think rate", xlabel="GRPO step",
+                  ylabel="tokens", ylim=(0, None))
+        tw = ax[5].twinx()
+        tw.plot(ev_steps, [r["overall"]["think_rate"] for r in ev_res], "s--", color="C2",
+                label="think rate")
+        tw.set(ylabel="share of answers that think", ylim=(0, 1.05))
+        ax[5].legend(loc="upper left")
+        tw.legend(loc="lower right")
+    lv = [k for k in base if k != "overall"] + ["overall"]
+    xs = range(len(lv))
+    ax[3].bar([x - 0.2 for x in xs], [base[k]["accuracy"] for k in lv], 0.4,
+              label="base (before GRPO)")
+    if final:
+        ax[3].bar([x + 0.2 for x in xs], [final[k]["accuracy"] for k in lv], 0.4,
+                  label="after GRPO")
+    ax[3].set(title="held-out greedy accuracy per level", xticks=list(xs), xticklabels=lv,
+              ylim=(0, 1.05))
+    ax[3].legend()
+    # expert load over the whole run: pretraining steps, then GRPO steps after them
+    rs = [r for r in pre + rl if r.get("expert_load")]
+    if rs:
+        offset = pre[-1]["step"] if pre else 0
+        x = [r["step"] + (offset if r["stage"] == "grpo" else 0) for r in rs]
+        loads = torch.tensor([r["expert_load"] for r in rs])                 # (records, layers, E)
+        share = loads / loads.sum(-1, keepdim=True).clamp_min(1)
+        for layer in range(share.size(1)):
+            ax[4].plot(x, (share[:, layer].max(-1).values * share.size(-1)).tolist(),
+                       label=f"MoE layer {layer}")
+        ax[4].axhline(1.0, color="gray", ls="--")
+        if pre and rl:
+            ax[4].axvline(pre[-1]["step"], color="k", ls=":", label="GRPO starts")
+        ax[4].set(title="expert load balance (busiest expert / mean)", xlabel="training step",
+                  ylabel="max load / mean load")
+        ax[4].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "nanor1.png"), dpi=110)
+    plt.close(fig)
