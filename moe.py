@@ -10,13 +10,12 @@ official code (and, by renaming keys, onto HuggingFace's DeepseekV3ForCausalLM):
     shared_experts.{w1,w2,w3}}, norm, head
 
 Departures from the official inference code, all deliberate:
-  1. forward() returns logits for every position (training needs them) plus the sequence-wise
-     balance loss; the official code returns only the last position's logits.
-  2. The causal mask is right for chunked prefill at start_pos > 0 and for left-padded batches.
-  3. The KV cache is an object passed in, not a buffer of the module, so one model can serve
-     several batches (policy rollouts, evaluation) and training never carries a cache around.
+  1. forward() returns logits for every position (training needs them) and the balance loss.
+  2. The mask (attention_mask) is right for chunked prefill, left padding and packed documents.
+  3. The KV cache is an object passed in, not a buffer of the module: one model serves several
+     batches (rollouts, evaluation), and training carries no cache around.
   4. Auxiliary-loss-free balancing is trained here: the gate counts its expert loads and
-     update_router_biases() applies b_i += gamma * sign(mean_load - load_i) (DeepSeek-V3, sec 2.1.2).
+     update_router_biases() applies b_i += gamma * sign(mean_load - load_i) (V3 sec 2.1.2).
   5. No YaRN rope extension, no FP8, no tensor/expert parallelism: the model is tiny.
 """
 import math
@@ -31,6 +30,7 @@ from torch import nn
 
 @dataclass
 class ModelConfig:
+    """The model's settings, named as in the official ModelArgs (plumbing.validate_model checks)."""
     vocab_size: int = 261           # set by the tokenizer in nanor1.py
     dim: int = 128                  # model width d
     inter_dim: int = 512            # hidden width of the dense SwiGLU layers
@@ -58,32 +58,6 @@ class ModelConfig:
     bias_update_speed: float = 1e-3  # gamma in b_i += gamma * sign(mean_load - load_i)
     seq_aux_alpha: float = 1e-4      # alpha of the sequence-wise balance loss
 
-    def __post_init__(self):
-        def need(ok, field, rule):
-            if not ok:
-                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {rule}")
-        for f in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads",
-                  "n_routed_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
-                  "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len"):
-            need(getattr(self, f) > 0, f, "must be > 0")
-        need(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers", "must be in [0, n_layers]")
-        need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
-        need(self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0 means a plain wq)")
-        need(self.score_func in ("softmax", "sigmoid"), "score_func", "must be 'softmax' or 'sigmoid'")
-        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rope rotates pairs)")
-        need(self.n_routed_experts % self.n_expert_groups == 0, "n_expert_groups",
-             f"must divide n_routed_experts={self.n_routed_experts}")
-        need(self.n_limited_groups <= self.n_expert_groups, "n_limited_groups",
-             f"must be <= n_expert_groups={self.n_expert_groups}")
-        per_group = self.n_routed_experts // self.n_expert_groups
-        need(self.n_expert_groups == 1 or per_group >= 2, "n_expert_groups",
-             "needs >= 2 experts per group (group score = sum of the top-2)")
-        need(self.n_activated_experts <= self.n_limited_groups * per_group, "n_activated_experts",
-             f"must be <= the experts in the kept groups ({self.n_limited_groups * per_group})")
-        need(self.route_scale > 0, "route_scale", "must be > 0")
-        need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
-        need(self.seq_aux_alpha >= 0, "seq_aux_alpha", "must be >= 0")
-
     @property
     def qk_head_dim(self):
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -108,7 +82,7 @@ class RMSNorm(nn.Module):
 
 
 def precompute_freqs_cis(cfg: ModelConfig) -> torch.Tensor:
-    """e^{i * pos * theta_j} for every position and rope pair: (max_seq_len, rope_dim/2), complex."""
+    """e^{i * pos * theta_j} for every position and rope pair: (max_seq_len, rope_dim/2)."""
     # BEGIN ASSIGNMENT rmsnorm_rope
     d = cfg.qk_rope_head_dim
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
@@ -118,7 +92,7 @@ def precompute_freqs_cis(cfg: ModelConfig) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x0,x1),(x2,x3),... of the last dim; x: (B, T, H, d), freqs: (T, d/2)."""
+    """Rotate consecutive pairs (x0,x1),(x2,x3),... of x (B, T, H, d) by freqs_cis (T, d/2)."""
     # BEGIN ASSIGNMENT rmsnorm_rope
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, d/2)
     xc = xc * freqs_cis.view(1, x.size(1), 1, xc.size(-1))
@@ -130,37 +104,36 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 # Multi-head Latent Attention
 
 class KVCache:
-    """Preallocated per-layer decoding cache.
+    """Preallocated per-layer decoding cache for one attention path (attn_impl, as in the
+    official code). "absorb" keeps what MLA is designed to keep: per token and layer only the
+    normalised latent c_KV (kv_lora_rank floats) and the rotated shared rope key k_pe
+    (qk_rope_head_dim floats). "naive" keeps the expanded per-head keys and values, as ordinary
+    multi-head attention would, for comparison. key_mask: real (non-padding) tokens."""
 
-    kind="absorb" keeps what MLA is designed to keep: per token and layer only the normalised
-    latent c_KV (kv_lora_rank floats) and the rotated shared rope key k_R (qk_rope_head_dim floats).
-    kind="naive" keeps the expanded per-head keys and values, as ordinary multi-head attention
-    would, for comparison. key_mask marks real (non-padding) tokens of left-padded batches.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, kind: str = "absorb",
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, attn_impl: str = "absorb",
                  device=None, dtype=torch.float32):
-        if kind not in ("absorb", "naive"):
-            raise ValueError(f"KVCache kind must be 'absorb' or 'naive', got {kind!r}")
+        if attn_impl not in ("absorb", "naive"):
+            raise ValueError(f"KVCache attn_impl must be 'absorb' or 'naive', got {attn_impl!r}")
         if max_len > cfg.max_seq_len:
-            raise ValueError(f"KVCache max_len={max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
-        self.kind, self.max_len = kind, max_len
+            raise ValueError(f"KVCache max_len={max_len} exceeds ModelConfig.max_seq_len="
+                             f"{cfg.max_seq_len}")
+        self.attn_impl, self.max_len = attn_impl, max_len
         B, L, H = batch_size, cfg.n_layers, cfg.n_heads
         new = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)
-        if kind == "absorb":
-            # one buffer per layer: [c_KV ; k_R] is the single key every head attends with, and its
-            # first kv_lora_rank columns (c_KV) the single value: absorbed MLA is multi-query attention
+        if attn_impl == "absorb":
+            # one buffer per layer: [c_KV ; k_pe] is the single key every head attends with, and
+            # its first kv_lora_rank columns (c_KV) the single value: absorbed MLA is multi-query
             dc = cfg.kv_lora_rank
             self.latent = [new(B, max_len, dc + cfg.qk_rope_head_dim) for _ in range(L)]
-            self.kv = [t[..., :dc] for t in self.latent]                          # c_KV (views)
-            self.pe = [t[..., dc:] for t in self.latent]                          # k_R (views)
+            self.kv = [t[..., :dc] for t in self.latent]                   # c_KV (views)
+            self.pe = [t[..., dc:] for t in self.latent]                   # k_pe (views)
         else:
             self.k = [new(B, max_len, H, cfg.qk_head_dim) for _ in range(L)]
             self.v = [new(B, max_len, H, cfg.v_head_dim) for _ in range(L)]
         self.key_mask = torch.ones(B, max_len, dtype=torch.bool, device=device)
 
     def bytes_per_token(self) -> int:
-        tensors = self.latent if self.kind == "absorb" else (self.k + self.v)
+        tensors = self.latent if self.attn_impl == "absorb" else (self.k + self.v)
         return sum(t[0, 0].numel() * t.element_size() for t in tensors)
 
 
@@ -175,50 +148,52 @@ class MLA(nn.Module):
             self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank)
             self.wq_b = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
-        # W_DKV and W_KR in one matrix: x -> [c_KV ; k_R]
+        # W_DKV and W_KR in one matrix: x -> [c_KV ; k_pe]
         self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank)
         # W_UK and W_UV in one matrix: c_KV -> per head [k_nope ; v]
-        self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                               bias=False)
         self.wo = nn.Linear(H * cfg.v_head_dim, cfg.dim, bias=False)
         self.softmax_scale = cfg.qk_head_dim ** -0.5
 
     def forward(self, x, start_pos, freqs_cis, mask, cache: Optional[KVCache] = None,
                 layer: int = 0, attn_impl: str = "naive"):
-        """x: (B, T, dim). mask: None (plain causal, no padding) or bool (B, 1, T, end_pos), True = attend."""
+        """x: (B, T, dim). mask: None (plain causal) or bool (B, 1, T, end_pos), True = attend."""
         cfg, (B, T, _) = self.cfg, x.shape
-        H, dn, dr, dv, dc = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        H, dn, dr, dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         end_pos = start_pos + T
         q = self.wq(x) if cfg.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q_nope, q_rope = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)   # (B, T, H, dn), (B, T, H, dr)
-        q_rope = apply_rotary_emb(q_rope, freqs_cis)
-        c_kv, k_rope = self.wkv_a(x).split([dc, dr], dim=-1)                 # (B, T, dc), (B, T, dr)
-        k_rope = apply_rotary_emb(k_rope.unsqueeze(2), freqs_cis)            # (B, T, 1, dr): one head for all
-        c_kv = self.kv_norm(c_kv)
-
-        if attn_impl == "naive":
+        q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)   # (B, T, H, dn | dr)
+        q_pe = apply_rotary_emb(q_pe, freqs_cis)
+        kv, k_pe = self.wkv_a(x).split([cfg.kv_lora_rank, dr], dim=-1)    # (B, T, dc), (B, T, dr)
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis)              # (B, T, 1, dr): one head
+        kv = self.kv_norm(kv)                                              # c_KV
+        if attn_impl == "absorb":
+            out = self._absorbed_attention(q_nope, q_pe, kv, k_pe.squeeze(2), start_pos, mask,
+                                           cache, layer)
+        elif attn_impl == "naive":
             # expand the latent into per-head keys and values, then ordinary attention
-            k_nope, v = self.wkv_b(c_kv).view(B, T, H, dn + dv).split([dn, dv], dim=-1)
-            q = torch.cat([q_nope, q_rope], dim=-1)                          # (B, T, H, dn+dr)
-            k = torch.cat([k_nope, k_rope.expand(-1, -1, H, -1)], dim=-1)    # (B, T, H, dn+dr)
+            k_nope, v = self.wkv_b(kv).view(B, T, H, dn + dv).split([dn, dv], dim=-1)
+            q = torch.cat([q_nope, q_pe], dim=-1)                          # (B, T, H, dn+dr)
+            k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1)    # (B, T, H, dn+dr)
             if cache is not None:
                 cache.k[layer][:B, start_pos:end_pos] = k
                 cache.v[layer][:B, start_pos:end_pos] = v
                 k, v = cache.k[layer][:B, :end_pos], cache.v[layer][:B, :end_pos]
-            if dv != dn + dr:  # the fused SDPA kernels want one head dim for q, k and v: pad v with zeros
+            if dv != dn + dr:  # fused SDPA kernels want one head dim for q, k, v: pad v with zeros
                 v = F.pad(v, (0, dn + dr - dv))
             # softmax(q k^T * scale) v; SDPA does the softmax in fp32 on every backend
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                is_causal=mask is None and T > 1, scale=self.softmax_scale).transpose(1, 2)[..., :dv]  # (B, T, H, dv)
-        elif attn_impl == "absorb":
-            out = self._absorbed_attention(q_nope, q_rope, c_kv, k_rope.squeeze(2), start_pos, mask, cache, layer)
+                is_causal=mask is None and T > 1, scale=self.softmax_scale)
+            out = out.transpose(1, 2)[..., :dv]                            # (B, T, H, dv)
         else:
             raise ValueError(f"attn_impl must be 'naive' or 'absorb', got {attn_impl!r}")
         return self.wo(out.flatten(2))
 
-    def _absorbed_attention(self, q_nope, q_rope, c_kv, k_rope, start_pos, mask, cache, layer):
-        """Attention computed on the latent: never materialises per-head keys or values.
+    def _absorbed_attention(self, q_nope, q_pe, kv, k_pe, start_pos, mask, cache, layer):
+        """Attention computed on the latent kv = c_KV: never materialises per-head keys or values.
 
         q_nope . k_nope = q_nope . (W_UK c) = (W_UK^T q_nope) . c, so fold W_UK into the query;
         sum_t p_t v_t = W_UV (sum_t p_t c_t), so apply W_UV after attention.
@@ -229,20 +204,21 @@ class MLA(nn.Module):
         end_pos = start_pos + T
         wkv_b = self.wkv_b.weight.view(H, dn + dv, dc)                       # (H, dn+dv, dc)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, :dn])        # (B, T, H, dc)
-        q = torch.cat([q_lat, q_rope], dim=-1).flatten(1, 2)                 # (B, T*H, dc+dr)
-        kv = torch.cat([c_kv, k_rope], dim=-1)                               # (B, T, dc+dr)
+        q = torch.cat([q_lat, q_pe], dim=-1).flatten(1, 2)                   # (B, T*H, dc+dr)
+        latent = torch.cat([kv, k_pe], dim=-1)                               # (B, T, dc+dr)
         if cache is not None:
-            cache.latent[layer][:B, start_pos:end_pos] = kv
-            kv = cache.latent[layer][:B, :end_pos]                           # (B, S, dc+dr)
-        # q_lat . c_KV + q_rope . k_R in one product: every head shares the key [c_KV ; k_R]
-        scores = (q @ kv.transpose(1, 2)).view(B, T, H, end_pos) * self.softmax_scale
-        if mask is None:  # plain causal from position 0
-            mask = torch.ones(T, end_pos, dtype=torch.bool, device=scores.device).tril(start_pos)[:, None]  # (T, 1, S)
+            cache.latent[layer][:B, start_pos:end_pos] = latent
+            latent = cache.latent[layer][:B, :end_pos]                       # (B, S, dc+dr)
+        # q_lat . c_KV + q_pe . k_pe in one product: every head shares the key [c_KV ; k_pe]
+        scores = (q @ latent.transpose(1, 2)).view(B, T, H, end_pos) * self.softmax_scale
+        if mask is None:  # plain causal from position 0: (T, 1, S)
+            mask = torch.ones(T, end_pos, dtype=torch.bool, device=q.device).tril(start_pos)
+            mask = mask[:, None]
         else:
-            mask = mask.transpose(1, 2)                                         # (B, T, 1, S)
+            mask = mask.transpose(1, 2)                                      # (B, T, 1, S)
         probs = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).type_as(q)
-        out = (probs.flatten(1, 2) @ kv[..., :dc]).view(B, T, H, dc)         # the values are c_KV
-        return torch.einsum("bthc,hdc->bthd", out, wkv_b[:, dn:])             # (B, T, H, dv)
+        out = (probs.flatten(1, 2) @ latent[..., :dc]).view(B, T, H, dc)     # the values are c_KV
+        return torch.einsum("bthc,hdc->bthd", out, wkv_b[:, dn:])            # (B, T, H, dv)
         # END ASSIGNMENT
 
 
@@ -272,13 +248,14 @@ class Gate(nn.Module):
         # b_i: added to the scores only to choose experts; updated by update_router_biases, not SGD
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         # tokens routed to each expert since the last bias update (from the biased choice)
-        self.register_buffer("load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
 
     def forward(self, x):
         """x: (N, dim) -> weights (N, k), indices (N, k), scores (N, E) un-biased, in fp32."""
         # BEGIN ASSIGNMENT gate
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())                       # router math in fp32
+        logits = F.linear(x.float(), self.weight.float())                    # router math in fp32
         scores = logits.softmax(dim=-1) if cfg.score_func == "softmax" else logits.sigmoid()
         choice = scores + self.bias                                              # (N, E)
         if cfg.n_expert_groups > 1:
@@ -288,7 +265,7 @@ class Gate(nn.Module):
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         indices = choice.topk(cfg.n_activated_experts, dim=-1).indices
-        weights = scores.gather(1, indices)                                      # from the un-biased scores
+        weights = scores.gather(1, indices)                          # from the un-biased scores
         if cfg.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * cfg.route_scale, indices, scores
@@ -300,7 +277,8 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gate = Gate(cfg)
-        self.experts = nn.ModuleList(MLP(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        self.experts = nn.ModuleList(MLP(cfg.dim, cfg.moe_inter_dim)
+                                     for _ in range(cfg.n_routed_experts))
         self.shared_experts = (MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
                                if cfg.n_shared_experts > 0 else None)
 
@@ -308,22 +286,23 @@ class MoE(nn.Module):
         """x: (B, T, dim) -> (output (B, T, dim), sequence-wise balance loss (scalar))."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)
-        weights, indices, scores = self.gate(flat)                               # (N, k), (N, k), (N, E)
+        weights, indices, scores = self.gate(flat)                     # (N, k), (N, k), (N, E)
         counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
         if self.training:
             self.gate.load += counts.float()
-        # dispatch: sort the (token, slot) pairs by expert, gather their inputs once, run each expert
-        # once on its contiguous slice, and scatter-add all the weighted outputs back at once
+        # dispatch: sort the (token, slot) pairs by expert, gather their inputs once, run each
+        # expert once on its contiguous slice, and scatter-add the weighted outputs back at once
         order = indices.flatten().argsort(stable=True)
         token_of = order // indices.size(1)
         x_sorted = flat.index_select(0, token_of)                               # (N*k, dim)
-        outs = [self.experts[e](x_e) for e, x_e in enumerate(x_sorted.split(counts.tolist())) if len(x_e)]
+        outs = [self.experts[e](x_e) for e, x_e in enumerate(x_sorted.split(counts.tolist()))
+                if len(x_e)]
         w_sorted = weights.flatten()[order].unsqueeze(1).to(flat.dtype)         # (N*k, 1)
         y = torch.zeros_like(flat).index_add_(0, token_of, torch.cat(outs) * w_sorted)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        aux = self.balance_loss(scores, indices, B) if self.training and self.cfg.seq_aux_alpha > 0 \
-            else flat.new_zeros(())
+        train_aux = self.training and self.cfg.seq_aux_alpha > 0
+        aux = self.balance_loss(scores, indices, B) if train_aux else flat.new_zeros(())
         return y.view(B, T, D), aux
 
     def balance_loss(self, scores, indices, batch_size):
@@ -360,6 +339,22 @@ class Block(nn.Module):
         return x + h, aux
 
 
+def attention_mask(B: int, start_pos: int, end_pos: int, key_mask=None, doc_ids=None,
+                   device=None) -> torch.Tensor:
+    """-> bool (B, 1, T, end_pos), True = attend, for the queries at start_pos..end_pos-1: query i
+    (absolute start_pos+i) sees key j iff j <= start_pos+i (causal), j is not padding (key_mask
+    (B, end_pos)) and j is in the same document (doc_ids (B, T) of a packed row, no cache). A
+    query always sees itself, so no row softmaxes over nothing."""
+    pos_q = torch.arange(start_pos, end_pos, device=device)
+    pos_k = torch.arange(end_pos, device=device)
+    mask = (pos_k[None, :] <= pos_q[:, None]).expand(B, end_pos - start_pos, end_pos)
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, :]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    return (mask | (pos_k[None, None, :] == pos_q[None, :, None])).unsqueeze(1)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -378,8 +373,9 @@ class Transformer(nn.Module):
         norms at 1, router biases at 0."""
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
+                residual = name.endswith(("wo.weight", "w2.weight"))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers) if residual
+                                else 0.02)
             else:
                 nn.init.ones_(p)
         for m in self.modules():
@@ -393,36 +389,25 @@ class Transformer(nn.Module):
         """tokens: (B, T) -> (logits (B, T, vocab), balance loss summed over MoE layers).
 
         start_pos: position of tokens[:, 0] (decoding with a cache). key_mask: (B, T) bool, False
-        for left padding; with a cache it is stored there, so later steps keep ignoring the pads.
-        doc_ids: (B, T) ints for rows packed with several documents: a token attends only to its own
-        document, so each document is seen exactly as a prompt alone would be (RoPE is relative).
-        attn_impl defaults to "absorb" with a cache of that kind and to "naive" otherwise.
-        """
+        for left padding; a cache keeps it, so later steps keep ignoring the pads. doc_ids: (B, T)
+        for rows packed with documents: each attends to itself only, as a prompt alone would.
+        attn_impl: "naive" or "absorb" (default: the cache's, or "naive" without one)."""
         B, T = tokens.shape
         end_pos = start_pos + T
         if end_pos > self.cfg.max_seq_len:
-            raise ValueError(f"sequence end {end_pos} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
+            raise ValueError(f"sequence end {end_pos} exceeds ModelConfig.max_seq_len="
+                             f"{self.cfg.max_seq_len}")
         if start_pos > 0 and cache is None:
             raise ValueError("start_pos > 0 needs the KV cache of the earlier positions")
         if doc_ids is not None and cache is not None:
             raise ValueError("doc_ids is for packed training rows, not for cached decoding")
-        if attn_impl is None:
-            attn_impl = cache.kind if cache is not None else "naive"
+        attn_impl = attn_impl or (cache.attn_impl if cache is not None else "naive")
         if cache is not None and key_mask is not None:
             cache.key_mask[:B, start_pos:end_pos] = key_mask
-        mask = None
+        keys = cache.key_mask[:B, :end_pos] if cache is not None else key_mask
+        mask = None   # plain causal: the attention kernels build it themselves
         if cache is not None or key_mask is not None or doc_ids is not None:
-            # query i (absolute start_pos+i) sees key j iff j <= start_pos+i, j is not padding and
-            # j is in the same document; a query always sees itself, so no row softmaxes over nothing
-            pos_q = torch.arange(start_pos, end_pos, device=tokens.device)
-            pos_k = torch.arange(end_pos, device=tokens.device)
-            mask = (pos_k[None, :] <= pos_q[:, None]).expand(B, T, end_pos)     # causal (B, T, end_pos)
-            keys = cache.key_mask[:B, :end_pos] if cache is not None else key_mask
-            if keys is not None:
-                mask = mask & keys[:, None, :]
-            if doc_ids is not None:
-                mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
-            mask = (mask | (pos_k[None, None, :] == pos_q[None, :, None])).unsqueeze(1)  # (B, 1, T, end_pos)
+            mask = attention_mask(B, start_pos, end_pos, keys, doc_ids, tokens.device)
         freqs_cis = self.freqs_cis[start_pos:end_pos]
         x = self.embed(tokens)
         aux_total = x.new_zeros((), dtype=torch.float32)
@@ -431,7 +416,7 @@ class Transformer(nn.Module):
             aux_total = aux_total + aux
         return self.head(self.norm(x)), aux_total
 
-    # --- auxiliary-loss-free load balancing -----------------------------------------------
+    # --- auxiliary-loss-free load balancing (V3 sec 2.1.2), and accounting -----------------
 
     def gates(self):
         return [m for m in self.modules() if isinstance(m, Gate)]
@@ -439,7 +424,8 @@ class Transformer(nn.Module):
     def expert_loads(self) -> torch.Tensor:
         """(n_moe_layers, n_routed_experts): tokens routed to each expert since the last update."""
         gates = self.gates()
-        return torch.stack([g.load for g in gates]) if gates else torch.zeros(0, self.cfg.n_routed_experts)
+        return torch.stack([g.load for g in gates]) if gates else \
+            torch.zeros(0, self.cfg.n_routed_experts)
 
     @torch.no_grad()
     def update_router_biases(self, gamma: Optional[float] = None) -> torch.Tensor:
@@ -462,8 +448,6 @@ class Transformer(nn.Module):
         return loads.cpu()
         # END ASSIGNMENT
 
-    # --- accounting -------------------------------------------------------------------------
-
     def num_params(self, active: bool = False, embedding: bool = True) -> int:
         """Total parameters, or those one token uses (shared + k of the E routed experts)."""
         n = routed = 0
@@ -478,7 +462,7 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6 * active non-embedding params, plus
-        attention scores and values 6 * L * H * (qk_head_dim + v_head_dim) * T (nanoGPT/PaLM style)."""
+        attention scores and values 6 L H (qk_head_dim + v_head_dim) T (nanoGPT/PaLM style)."""
         c = self.cfg
         attn = 6 * c.n_layers * c.n_heads * (c.qk_head_dim + c.v_head_dim) * seq_len
         return 6 * self.num_params(active=True, embedding=False) + attn

@@ -326,7 +326,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature
     model.eval()                                  # inference: no router loads, no balance loss
     tokens, key_mask = left_pad(prompts, device)
     B, P = tokens.shape
-    cache = KVCache(model.cfg, B, P + max_new_tokens, kind="absorb", device=device)
+    cache = KVCache(model.cfg, B, P + max_new_tokens, attn_impl="absorb", device=device)
     out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     with autocast_ctx or contextlib.nullcontext():

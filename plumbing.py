@@ -100,6 +100,34 @@ def level_weights(cfg) -> list:
     return w
 
 
+def validate_model(m: ModelConfig):
+    """A model setting that cannot build a model -> ValueError("ModelConfig.field=value: rule")."""
+    def need(ok, field, rule):
+        if not ok:
+            raise ValueError(f"ModelConfig.{field}={getattr(m, field)!r}: {rule}")
+    for f in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads",
+              "n_routed_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
+              "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len"):
+        need(getattr(m, f) > 0, f, "must be > 0")
+    need(0 <= m.n_dense_layers <= m.n_layers, "n_dense_layers", "must be in [0, n_layers]")
+    need(m.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+    need(m.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0 means a plain wq)")
+    need(m.score_func in ("softmax", "sigmoid"), "score_func", "must be 'softmax' or 'sigmoid'")
+    need(m.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rope rotates pairs)")
+    need(m.n_routed_experts % m.n_expert_groups == 0, "n_expert_groups",
+         f"must divide n_routed_experts={m.n_routed_experts}")
+    need(m.n_limited_groups <= m.n_expert_groups, "n_limited_groups",
+         f"must be <= n_expert_groups={m.n_expert_groups}")
+    per_group = m.n_routed_experts // m.n_expert_groups
+    need(m.n_expert_groups == 1 or per_group >= 2, "n_expert_groups",
+         "needs >= 2 experts per group (group score = sum of the top-2)")
+    need(m.n_activated_experts <= m.n_limited_groups * per_group, "n_activated_experts",
+         f"must be <= the experts in the kept groups ({m.n_limited_groups * per_group})")
+    need(m.route_scale > 0, "route_scale", "must be > 0")
+    need(m.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
+    need(m.seq_aux_alpha >= 0, "seq_aux_alpha", "must be >= 0")
+
+
 def accum_steps(cfg, world: int) -> int:
     """Micro-steps per rank: --grad_accum shared among the ranks (rounded up, so that no rank's
     micro-batch is larger than one process's), keeping the global batch fixed."""
@@ -117,6 +145,8 @@ NON_NEGATIVE = ("pretrain_steps", "grpo_steps", "warmup_steps", "eval_every", "g
 
 def validate(cfg):
     """Every setting that cannot work -> ValueError("--flag=value: rule"), before anything runs."""
+    validate_model(cfg.model)
+
     def need(ok, name, rule):
         if not ok:
             raise ValueError(f"--{name}={getattr(cfg, name)!r}: {rule}")
@@ -390,7 +420,9 @@ def load_checkpoint(path, device):
     """-> (model, checkpoint dict). A clear error for a missing or unreadable file."""
     ckpt = read_checkpoint(path, device)
     try:
-        model = Transformer(ModelConfig(**ckpt["model_config"])).to(device)
+        model_cfg = ModelConfig(**ckpt["model_config"])
+        validate_model(model_cfg)
+        model = Transformer(model_cfg).to(device)
         model.load_state_dict(ckpt["model"])
     except Exception as e:  # weights of another model, or a config this version does not know
         raise SystemExit(f"error: cannot load checkpoint {path}: weights do not match its config "

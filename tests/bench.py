@@ -270,7 +270,7 @@ def decode(model, tokens, key_mask, new_tokens, kind, gen):
             tokens = torch.cat([tokens, sample(model(tokens, key_mask=key_mask)[0])], 1)
             key_mask = F.pad(key_mask, (0, 1), value=True)
         return tokens
-    cache = KVCache(model.cfg, B, P + new_tokens, kind=kind)
+    cache = KVCache(model.cfg, B, P + new_tokens, attn_impl=kind)
     logits, _ = model(tokens, cache=cache, key_mask=key_mask)
     out = []
     for t in range(new_tokens):
@@ -287,7 +287,7 @@ def cache_bytes(cfg, B, max_len) -> dict:
                 "naive": cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * f32, "nocache": 0}
     allocated = {"nocache": 0}
     for kind in ("absorb", "naive"):
-        c = KVCache(cfg, B, max_len, kind=kind)
+        c = KVCache(cfg, B, max_len, attn_impl=kind)
         tensors = c.kv + c.pe if kind == "absorb" else c.k + c.v
         allocated[kind] = sum(t.numel() * t.element_size() for t in tensors) / (B * max_len)
     return {"analytic": analytic, "allocated": allocated,

@@ -79,7 +79,7 @@ def test_naive_and_absorb_attention_agree_on_full_sequence(kw):
 def test_naive_and_absorb_caches_agree_step_by_step(kw):
     model = make_model(**kw)
     tokens = torch.randint(0, 50, (2, 10))
-    caches = {k: KVCache(model.cfg, 2, 10, kind=k) for k in ("naive", "absorb")}
+    caches = {k: KVCache(model.cfg, 2, 10, attn_impl=k) for k in ("naive", "absorb")}
     with torch.no_grad():
         for t in range(10):
             out = {k: model(tokens[:, t:t + 1], start_pos=t, cache=c)[0] for k, c in caches.items()}
@@ -97,7 +97,7 @@ def test_token_by_token_decoding_equals_full_forward(kind, kw):
     model = make_model(**kw)
     T = 11
     tokens = torch.randint(0, 50, (2, T))
-    cache = KVCache(model.cfg, 2, T, kind=kind)
+    cache = KVCache(model.cfg, 2, T, attn_impl=kind)
     with torch.no_grad():
         full, _ = model(tokens)
         steps = [model(tokens[:, t:t + 1], start_pos=t, cache=cache)[0] for t in range(T)]
@@ -112,7 +112,7 @@ def test_chunked_prefill_at_nonzero_start_pos_equals_full_forward(kind, chunks):
     model = make_model()
     T = sum(chunks)
     tokens = torch.randint(0, 50, (2, T))
-    cache = KVCache(model.cfg, 2, model.cfg.max_seq_len, kind=kind)   # cache longer than the sequence
+    cache = KVCache(model.cfg, 2, model.cfg.max_seq_len, attn_impl=kind)   # cache longer than the sequence
     with torch.no_grad():
         full, _ = model(tokens)
         outs, pos = [], 0
@@ -128,7 +128,7 @@ def test_chunked_prefill_at_nonzero_start_pos_equals_full_forward(kind, chunks):
 def test_cache_used_for_fewer_rows_than_allocated():
     model = make_model()
     tokens = torch.randint(0, 50, (1, 8))
-    cache = KVCache(model.cfg, 3, 8, kind="absorb")
+    cache = KVCache(model.cfg, 3, 8, attn_impl="absorb")
     with torch.no_grad():
         full, _ = model(tokens)
         a, _ = model(tokens[:, :5], start_pos=0, cache=cache)
@@ -177,7 +177,7 @@ def test_left_padded_prefill_then_cached_decoding_equals_each_sequence_alone(kin
     n_new = 4                                                         # ...then this many decoded
     seqs = [torch.randint(0, 50, (n + n_new,)) for n in n_prompt]
     tokens, key_mask = left_pad([s[:n] for s, n in zip(seqs, n_prompt)], 7)
-    cache = KVCache(model.cfg, 3, 7 + n_new, kind=kind)
+    cache = KVCache(model.cfg, 3, 7 + n_new, attn_impl=kind)
     with torch.no_grad():
         prefill, _ = model(tokens, start_pos=0, cache=cache, key_mask=key_mask)
         steps = []
@@ -198,8 +198,8 @@ def test_left_padded_prefill_then_cached_decoding_equals_each_sequence_alone(kin
 def test_cache_bytes_per_token(kw):
     cfg = tiny_cfg(**kw)
     L, H = cfg.n_layers, cfg.n_heads
-    absorb = KVCache(cfg, 2, 16, kind="absorb")
-    naive = KVCache(cfg, 2, 16, kind="naive")
+    absorb = KVCache(cfg, 2, 16, attn_impl="absorb")
+    naive = KVCache(cfg, 2, 16, attn_impl="naive")
     assert absorb.bytes_per_token() == 4 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L
     assert naive.bytes_per_token() == 4 * H * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * L
     assert absorb.bytes_per_token() < naive.bytes_per_token()
@@ -214,7 +214,7 @@ def test_absorb_cache_holds_normalised_latent_and_rotated_shared_rope_key():
     cfg = model.cfg
     T, dc, dr = 6, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     tokens = torch.randint(0, 50, (2, T))
-    cache = KVCache(cfg, 2, 10, kind="absorb")
+    cache = KVCache(cfg, 2, 10, attn_impl="absorb")
     with torch.no_grad():
         model(tokens, cache=cache)
     sd = {k: v.double() for k, v in model.state_dict().items()}
@@ -246,4 +246,4 @@ def test_max_seq_len_overflow_raises_value_error():
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 2, dtype=torch.long), start_pos=15, cache=cache)
     with pytest.raises(ValueError):
-        KVCache(model.cfg, 1, 8, kind="paged")
+        KVCache(model.cfg, 1, 8, attn_impl="paged")

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import plumbing
 from moe import ModelConfig, RMSNorm, Transformer, apply_rotary_emb, precompute_freqs_cis
 
 
@@ -68,7 +69,7 @@ def randomize_(model, seed=0):
 ])
 def test_config_validation_raises_value_error_naming_the_field(kw, field):
     with pytest.raises(ValueError) as info:
-        tiny_cfg(**kw)
+        plumbing.validate_model(tiny_cfg(**kw))
     assert re.search(rf"\b{field}\b", str(info.value)), f"message does not name {field}: {info.value}"
 
 
@@ -88,8 +89,9 @@ def test_config_validation_raises_value_error_naming_the_field(kw, field):
 def test_config_validation_accepts_valid_configs(kw):
     """A valid config (each rule at its boundary included) is accepted and kept exactly as given.
     Guards against a validation rule stricter than documented (e.g. < for <=) and against
-    __post_init__ changing a field."""
+    validation changing a field."""
     cfg = tiny_cfg(**kw)
+    plumbing.validate_model(cfg)
     expected = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)}, **TINY_BASE, **kw}
     assert dataclasses.asdict(cfg) == expected
 

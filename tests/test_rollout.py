@@ -89,7 +89,7 @@ def test_greedy_generate_cache_agrees_with_naive_cache_too():
     ps = prompts(seed=1)
     out, _, _ = generate(model, ps, 10, greedy=True)
     for i, p in enumerate(ps):
-        cache = moe.KVCache(model.cfg, 1, len(p) + 10, kind="naive")
+        cache = moe.KVCache(model.cfg, 1, len(p) + 10, attn_impl="naive")
         with torch.no_grad():
             logits, _ = model(torch.tensor([p]), cache=cache)
             new = []
