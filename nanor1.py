@@ -840,7 +840,7 @@ def main(argv=None):
     prepare_out_dir(cfg, rank)
     # --resume: read and check the checkpoint before anything runs or is written
     resume = read_resume_checkpoint(cfg, device, enc.n_vocab) if cfg.resume else None
-    resume_grpo = resume is not None and resume["stage"] == "grpo"
+    resume_grpo = resume if resume is not None and resume["stage"] == "grpo" else None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tests = test_set(cfg.n_test)
@@ -864,7 +864,7 @@ def main(argv=None):
             save_checkpoint(os.path.join(cfg.out_dir, "base.pt"), model, cfg, stage="pretrain",
                             step=cfg.pretrain_steps)
     else:
-        model = load_base_model(cfg, device, resume if resume_grpo else None)
+        model = load_base_model(cfg, device, resume_grpo)
 
     # 2) the base: it rarely thinks on its own, though thinking would pay (forced to think)
     base = evaluate(model, tests, cfg, device)
@@ -881,8 +881,8 @@ def main(argv=None):
     if cfg.stage in ("all", "grpo"):
         t1, ref = time.time(), copy.deepcopy(model)
         if resume_grpo:
-            model.load_state_dict(resume["model"])
-        grpo(cfg, model, ref, device, rank, world, tests, [], resume if resume_grpo else None)
+            model.load_state_dict(resume_grpo["model"])
+        grpo(cfg, model, ref, device, rank, world, tests, [], resume=resume_grpo)
         wall["grpo"] = time.time() - t1
         if rank == 0:
             save_checkpoint(os.path.join(cfg.out_dir, "final.pt"), model, cfg, stage="grpo",
