@@ -134,8 +134,8 @@ def parse_args(argv=None) -> Config:
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer: tiktoken, built in code. One token per byte (so every digit is one token) plus
-# special tokens for the tags; nothing is downloaded.
+# Tokenizer: tiktoken, built in code (nothing is downloaded). One token per byte, so every digit is
+# one token, plus special tokens for R1-Zero's <think>/<answer> tags (DeepSeek-R1 table 1).
 
 SPECIALS = ["<|endoftext|>", "<think>", "</think>", "<answer>", "</answer>"]
 
