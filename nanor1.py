@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from data import is_heldout, subset, test_set, training_problems
 from moe import KVCache, ModelConfig, Transformer
 import report
-from plumbing import (RECIPE_STAGES, Progress, accum_steps, all_reduce_sum, autocast, clipped_step,
-                      checkpoint_or_stop, grpo_rank_shares, install_signal_handlers, is_ddp,
-                      level_weights, load_base_model, load_stage_model, log_metrics, pack_rows,
-                      pad_left, peak_flops, prepare_out_dir, print0, rank_and_world,
+from plumbing import (RECIPE_STAGES, Optimizers, Progress, accum_steps, all_reduce_sum, autocast,
+                      clipped_step, checkpoint_or_stop, grpo_rank_shares, install_signal_handlers,
+                      is_ddp, level_weights, load_base_model, load_stage_model, log_metrics,
+                      pack_rows, pad_left, peak_flops, prepare_out_dir, print0, rank_and_world,
                       read_resume_checkpoint, read_sft_data, remember_resume_flags,
                       restore_optimizer, save_checkpoint, setup, stage_cfg, start_metrics,
                       teardown, training_loop, wrap_ddp, write_jsonl)
@@ -84,9 +84,11 @@ class Config:
     block_size: int = 128   # tokens per row, packed with whole documents
     grad_accum: int = 1     # micro-steps per step (divided among ranks)
     lr: float = 3e-3
-    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    min_lr_frac: float = 0.1  # the lr decays to lr * min_lr_frac...
+    decay_frac: float = 0.5   # ...by a cosine over this last share of the steps (before: constant)
     warmup_steps: int = 100
     weight_decay: float = 0.1  # on matrices only
+    optimizer: str = "muon"    # muon (hidden matrices; AdamW for the rest) | adamw
     grad_clip: float = 1.0
     log_every: int = 100
     eval_every: int = 500   # quick held-out eval during pretraining (0 = never)
@@ -188,22 +190,34 @@ def pretrain_batches(cfg: Config, rng: random.Random, rows: int):
 
 
 def lr_at(step: int, total: int, cfg: Config, base_lr: float) -> float:
-    """Linear warmup, then cosine decay to base_lr * min_lr_frac."""
+    """Linear warmup, constant, then a cosine decay to base_lr * min_lr_frac over the last
+    decay_frac of the steps (DeepSeek-V3 sec 4.2 decays in the same three phases)."""
     if step < cfg.warmup_steps:
         return base_lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    start = max(cfg.warmup_steps, total - round(cfg.decay_frac * total))   # the decay's first step
+    progress = min(1.0, (step - start) / max(1, total - start)) if step > start else 0.0
     cosine = 0.5 * (1 + math.cos(math.pi * progress))                  # 1 -> 0
     return base_lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * cosine)
 
 
-def make_optimizer(model, lr, weight_decay, device):
-    """AdamW; weight decay on the matrices only (not on norms, which would pull them to 0)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def make_optimizer(model, lr, weight_decay, device, muon: bool = False):
+    """AdamW; weight decay on the matrices only (not on norms, which would pull them to 0).
+    muon: the hidden matrices (attention, FFNs, experts) take Muon instead, which orthogonalises
+    each momentum update by Newton-Schulz (Jordan et al. 2024; Kimi's Moonlight scales it to
+    AdamW's update size, match_rms_adamw, so one lr serves both); AdamW keeps the embedding, the
+    head, the norms and the router (the matrices that are not inside the computation)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in params if muon and p.dim() == 2 and n.startswith("layers.")
+              and ".gate." not in n]
+    decay = [p for n, p in params if p.dim() >= 2 and not any(p is h for h in hidden)]
     groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type == "cuda")
+              {"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                              fused=device.type == "cuda")
+    if not hidden:
+        return adamw
+    return Optimizers(torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay,
+                                       adjust_lr_fn="match_rms_adamw"), adamw)
 
 
 def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tests: dict,
@@ -218,7 +232,7 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
     def batch(step, micro):
         seed = f"{cfg.seed}-pretrain-{step}-{rank * accum + micro}"
         return next(pretrain_batches(cfg, random.Random(seed), rows))
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device, cfg.optimizer == "muon")
     start = restore_optimizer(opt, resume)
     ddp = wrap_ddp(model, device)
     fwd = torch.compile(ddp) if cfg.compile else ddp
@@ -629,7 +643,8 @@ def sft(cfg: Config, model: Transformer, examples: list, steps: int, lr: float, 
         raise SystemExit(f"error: {name}: no examples to fine-tune on (rejection sampling kept "
                          f"none?)")
     opt = make_optimizer(model, lr, cfg.weight_decay, device)
-    schedule = dataclasses.replace(cfg, warmup_steps=min(cfg.warmup_steps, steps // 10))
+    schedule = dataclasses.replace(cfg, warmup_steps=min(cfg.warmup_steps, steps // 10),
+                                   decay_frac=1.0)
     rng, order, ctx = random.Random(f"{cfg.seed}-{name}"), [], autocast(cfg, device)
     print0(f"{name}: {len(examples)} examples, {steps} steps x {cfg.sft_batch}, lr {lr}, "
            f"completion tokens only")

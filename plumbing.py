@@ -154,6 +154,7 @@ def validate(cfg):
          "must be all, pretrain, grpo or eval (R1-Zero), or sft, rejection, distill or r1 "
          "(the R1 recipe)")
     need(cfg.agg in ("seq", "token", "constant"), "agg", "must be seq, token or constant")
+    need(cfg.optimizer in ("muon", "adamw"), "optimizer", "must be muon or adamw")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
     need(0.0 <= cfg.think_frac <= 1.0, "think_frac", "must be in [0, 1]")
     level_weights(cfg)
@@ -179,6 +180,7 @@ def validate(cfg):
     need(0 <= cfg.clip_low < 1 and cfg.clip_high >= 0, "clip_low",
          "need 0 <= clip_low < 1 and clip_high >= 0")
     need(0 <= cfg.min_lr_frac <= 1, "min_lr_frac", "must be in [0, 1]")
+    need(0 <= cfg.decay_frac <= 1, "decay_frac", "must be in [0, 1]")
     max_len = cfg.model.max_seq_len
     need(cfg.block_size <= max_len, "block_size", f"must be <= --max_seq_len={max_len}")
     need(cfg.max_new_tokens + MAX_PROMPT_TOKENS <= max_len, "max_new_tokens",
@@ -650,6 +652,33 @@ def checkpoint_or_stop(cfg, model, opt, stage: str, step: int, total: int, every
         print0(f"stopped by {signal.Signals(signum).name} at {stage} step {step}/{total}, saved "
                f"{path}; {how_to_resume()}")
         sys.exit(128 + signum)
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters, stepped as one (Muon + AdamW): one list of
+    param_groups, one state_dict (a checkpoint's "optimizer")."""
+
+    def __init__(self, *opts):
+        self.opts = opts
+        self.param_groups = [g for o in opts for g in o.param_groups]
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.opts]}
+
+    def load_state_dict(self, state: dict):
+        if len(state.get("optimizers", ())) != len(self.opts):
+            raise ValueError("the checkpoint's optimizer state is for another optimizer "
+                             "(--optimizer differs?)")
+        for o, s in zip(self.opts, state["optimizers"]):
+            o.load_state_dict(s)
 
 
 def clipped_step(cfg, model, opt, lr: float, loss: float, stage: str, step: int, total: int,

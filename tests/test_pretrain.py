@@ -241,32 +241,122 @@ def test_weight_decay_shrinks_matrices_only_never_norms_or_router_biases():
             assert torch.equal(value, before[name]), f"{name} changed: no weight decay on vectors or buffers"
 
 
-def lr_formula(step, total, warmup, base, min_frac):
-    """The schedule, written out: linear warmup (step + 1) / warmup, then cosine from base to
-    base * min_frac over the remaining steps, flat after total."""
+def lr_formula(step, total, warmup, base, min_frac, decay_frac):
+    """The schedule, written out: linear warmup (step + 1) / warmup; then base, constant, until the
+    last round(decay_frac * total) steps (but never inside the warmup); then a cosine from base to
+    base * min_frac that ends at step total, flat after it."""
     if step < warmup:
         return base * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    first = max(warmup, total - round(decay_frac * total))
+    if step <= first:
+        return base
+    t = min(1.0, (step - first) / max(1, total - first))
     return base * min_frac + (base - base * min_frac) * (1 + math.cos(math.pi * t)) / 2
 
 
-@pytest.mark.parametrize("warmup,total,min_frac", [(5, 40, 0.1), (1, 10, 0.0), (0, 12, 0.25), (100, 1800, 0.1)])
-def test_lr_schedule_is_linear_warmup_from_base_over_warmup_then_cosine(warmup, total, min_frac):
+@pytest.mark.parametrize("warmup,total,min_frac,decay_frac", [
+    (5, 40, 0.1, 1.0), (1, 10, 0.0, 1.0), (0, 12, 0.25, 1.0), (100, 1800, 0.1, 1.0),
+    (5, 40, 0.1, 0.5), (40, 560, 0.1, 0.5), (0, 12, 0.0, 0.25), (10, 20, 0.1, 0.9), (3, 9, 0.2, 0.0)])
+def test_lr_schedule_is_linear_warmup_then_constant_then_cosine(warmup, total, min_frac, decay_frac):
     """lr_at against the formula: the first step already trains (base / warmup, not 0), the last
-    warmup step is at base, the cosine ends at base * min_lr_frac. Guards against a warmup that
-    starts at lr 0 (step / warmup), and against a cosine that does not end where it should."""
+    warmup step is at base, the lr stays at base until the last decay_frac of the steps, and the
+    cosine ends at base * min_lr_frac. Guards against a warmup that starts at lr 0 (step / warmup),
+    a decay that starts early or late, and a cosine that does not end where it should."""
     base = 3e-3
-    cfg = nanor1.Config(warmup_steps=warmup, min_lr_frac=min_frac)
+    cfg = nanor1.Config(warmup_steps=warmup, min_lr_frac=min_frac, decay_frac=decay_frac)
     got = [nanor1.lr_at(s, total, cfg, base) for s in range(total + 3)]
-    want = [lr_formula(s, total, warmup, base, min_frac) for s in range(total + 3)]
+    want = [lr_formula(s, total, warmup, base, min_frac, decay_frac) for s in range(total + 3)]
     assert got == pytest.approx(want, rel=1e-12, abs=0)
     assert got[0] > 0
     if warmup:
         assert got[0] == pytest.approx(base / warmup) and got[warmup - 1] == pytest.approx(base)
     else:
         assert got[0] == pytest.approx(base)
-    assert got[total] == pytest.approx(base * min_frac) and got[-1] == pytest.approx(base * min_frac)
+    stable_end = total - round(decay_frac * total)   # steps warmup..stable_end run at base
+    assert all(x == pytest.approx(base) for x in got[warmup:stable_end + 1])
+    if decay_frac == 0:   # no decay at all: base to the last step
+        assert got[total - 1] == pytest.approx(base)
+    else:
+        assert got[total] == pytest.approx(base * min_frac) and got[-1] == pytest.approx(base * min_frac)
     assert max(got) == pytest.approx(base)
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    """make_optimizer(muon=True): torch.optim.Muon gets exactly the 2-D weights inside the blocks
+    (attention, dense FFN, routed and shared experts), AdamW the embedding, the head, the norms and
+    the router gates, each parameter in exactly one; a Muon step orthogonalises: with a rank-one
+    gradient and zero momentum, the update of a matrix is a multiple of that rank-one direction
+    (Newton-Schulz keeps the singular vectors), at AdamW's RMS scale (match_rms_adamw)."""
+    model = small_trained_model()
+    opt = nanor1.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), muon=True)
+    muon, adamw = opt.opts
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {by_id[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {by_id[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert not in_muon & in_adamw and in_muon | in_adamw == set(by_id.values())
+    want_muon = {n for n, p in model.named_parameters()
+                 if n.startswith("layers.") and p.dim() == 2 and ".gate." not in n}
+    assert in_muon == want_muon
+    assert {"embed.weight", "head.weight"} <= in_adamw and any(".gate." in n for n in in_adamw)
+    assert any(".experts." in n for n in in_muon) and any("shared_experts" in n for n in in_muon)
+    name = next(n for n in sorted(in_muon) if n.endswith("attn.wq.weight"))
+    w = dict(model.named_parameters())[name]
+    A, B = w.shape
+    k = min(A, B)
+    U, V = torch.linalg.qr(torch.randn(A, k))[0], torch.linalg.qr(torch.randn(B, k))[0]
+    grad = U @ torch.diag(torch.logspace(0, -2, k)) @ V.T       # singular values 1 ... 0.01
+    size = 1e-2 * 0.2 * max(A, B) ** 0.5                          # match_rms_adamw's lr scale
+    steps = []
+    for scale in (1.0, 1000.0):    # SGD's step would depend on the gradient's scale
+        fresh = nanor1.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), muon=True)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        w.grad = scale * grad
+        before = w.detach().clone()
+        fresh.step()
+        delta = (w.detach() - before).double()
+        with torch.no_grad():
+            w.copy_(before)
+        m = U.double().T @ delta @ V.double()       # the update in the gradient's singular basis
+        diag = -m.diagonal() / size
+        off = (m - torch.diag(m.diagonal())).norm() / m.diagonal().norm()
+        assert off < 0.05, f"the update does not keep the gradient's singular vectors ({off:.3f})"
+        # orthogonalised: a 100x spread of singular values comes out equalised, to within the
+        # [0.5, 1.5] that torch's Newton-Schulz coefficients promise (not exactly 1)
+        assert 0.5 < diag.min() and diag.max() < 1.5, (diag.min(), diag.max())
+        steps.append(delta)
+    torch.testing.assert_close(steps[0], steps[1], rtol=0, atol=0.02 * size)
+
+
+def test_a_checkpoint_of_muon_and_adamw_restores_both(tmp_path):
+    """The two optimizers save and load as one state dict (plumbing.Optimizers): after a restore,
+    the next step of a fresh optimizer equals the next step of the original, for both halves.
+    Guards against a resume that silently restarts Muon's momentum or AdamW's moments."""
+    def fresh():
+        torch.manual_seed(0)
+        return small_trained_model()
+    a = fresh()
+    opt_a = nanor1.make_optimizer(a, 1e-2, 0.1, torch.device("cpu"), muon=True)
+    grads = [[torch.randn_like(p) for p in a.parameters()] for _ in range(3)]
+    def step(model, opt, g):
+        for p, gp in zip(model.parameters(), g):
+            p.grad = gp.clone()
+        opt.step()
+    for g in grads[:2]:
+        step(a, opt_a, g)
+    torch.save({"model": a.state_dict(), "optimizer": opt_a.state_dict()}, tmp_path / "c.pt")
+    b = fresh()
+    opt_b = nanor1.make_optimizer(b, 1e-2, 0.1, torch.device("cpu"), muon=True)
+    saved = torch.load(tmp_path / "c.pt", weights_only=False)
+    b.load_state_dict(saved["model"])
+    opt_b.load_state_dict(saved["optimizer"])
+    step(a, opt_a, grads[2])
+    step(b, opt_b, grads[2])
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), f"{n} differs after the restored step"
+    with pytest.raises(ValueError, match="another optimizer"):
+        nanor1.Optimizers(torch.optim.SGD(fresh().parameters(), lr=1)).load_state_dict(saved["optimizer"])
 
 
 # -----------------------------------------------------------------------------
