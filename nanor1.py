@@ -9,6 +9,7 @@ learns, by itself, to think step by step before it answers.
     python nanor1.py ... --resume            # continue a killed or stopped run (same flags)
     python nanor1.py --stage r1              # the R1 recipe from out/base.pt (~6 min)
     python nanor1.py --stage distill         # a 4x smaller student, RL vs distilled (~6 min)
+    python nanor1.py --stage sample --prompt "(47+85)*3-29"   # ask out/final.pt a problem
     torchrun --standalone --nproc_per_node=8 nanor1.py --dim 256 ...   # GPUs (see train.sh)
     python nanor1.py --help                  # every setting, with its default
 
@@ -55,6 +56,7 @@ from plumbing import (RECIPE_STAGES, Progress, accum_steps, all_reduce_sum, auto
                       read_resume_checkpoint, read_sft_data, remember_resume_flags,
                       restore_optimizer, save_checkpoint, setup, stage_cfg, start_metrics,
                       teardown, training_loop, wrap_ddp, write_jsonl)
+from plumbing import MODEL_STAGES, read_problems
 from plumbing import parse_args as parse_flags
 from report import levels_line
 
@@ -65,7 +67,7 @@ from report import levels_line
 @dataclass
 class Config:
     # run
-    stage: str = "all"    # all | pretrain | grpo | eval (R1-Zero), sft | rejection | distill | r1
+    stage: str = "all"  # all|pretrain|grpo|eval (R1-Zero), sft|rejection|distill|r1, sample
     out_dir: str = "out"  # checkpoints, metrics, plots, summary
     init_from: str = ""   # the stage's model (default out_dir/base.pt, or final.pt for eval etc.)
     seed: int = 1337
@@ -74,6 +76,8 @@ class Config:
     compile: bool = False  # torch.compile the training forward (CUDA)
     threads: int = 0      # torch CPU threads (0 = torch's default)
     resume: bool = False  # continue the run in out_dir/ckpt.pt (killed or stopped; same flags)
+    prompt: list = field(default_factory=list)  # --stage sample: a problem (repeatable; else stdin)
+    num_samples: int = 4  # --stage sample: completions sampled per problem, besides the greedy one
     # data
     think_frac: float = 0.4         # share of pretraining documents written as worked solutions
     level_weights: str = "1,1,1,2"  # pretraining mix of add2,add3,mul,multi (multi is hardest)
@@ -393,6 +397,21 @@ def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed:
                                       text.startswith("<think>"), n, format_reward(text)],
                                      dtype=torch.float64)
     return report.level_rates(all_reduce_sum(sums.to(device)).cpu(), list(tests))
+
+
+def ask(cfg: Config, device):
+    """--stage sample: the model's greedy answer and num_samples sampled ones to each problem."""
+    model, _ = load_stage_model(cfg, device, "final.pt")
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    for p in read_problems(cfg, prompt_tokens, model.cfg.max_seq_len):
+        print(report.problem_line(p))
+        for i, greedy in enumerate([True] + [False] * cfg.num_samples):   # 0: the greedy one
+            comp = generate(model, [prompt_tokens(p)], cfg.max_new_tokens, cfg.temperature,
+                            cfg.top_k, greedy, gen, autocast(cfg, device))[0][0]
+            text = completion_text(comp)
+            acc, fmt = accuracy_reward(text, p.answer), format_reward(text)
+            reward = cfg.acc_weight * acc + cfg.format_weight * fmt
+            print(report.answer_line(i, text, parse_answer(text), acc == 1.0, reward))
 
 
 # -----------------------------------------------------------------------------
@@ -837,6 +856,8 @@ def main(argv=None):
     cfg = parse_args(argv)
     remember_resume_flags(cfg, argv)
     rank, world, device = setup(cfg)
+    if cfg.stage in MODEL_STAGES:   # the trained model, outside training: ask it
+        return ask(cfg, device)
     prepare_out_dir(cfg, rank)
     # --resume: read and check the checkpoint before anything runs or is written
     resume = read_resume_checkpoint(cfg, device, enc.n_vocab) if cfg.resume else None

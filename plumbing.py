@@ -5,6 +5,7 @@ What lives here, so that nanor1.py can read as the method alone:
   * flags: the Config dataclass -> argparse, validation with one-line errors;
   * torchrun: process group, print0, all-reduce, DDP wrapping and the GRPO loss shares;
   * checkpoints: atomic save, read with clear errors, resume checks, the metrics log;
+  * --stage sample's problems, from --prompt flags or standard input;
   * stopping safely: Ctrl-C / SIGTERM finish the step and save; a kill loses at most ckpt_every
     steps;
   * progress lines with an ETA, and MFU against a peak FLOP/s.
@@ -26,10 +27,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from data import LEVELS
+from data import LEVELS, parse_problem
 from moe import ModelConfig, Transformer
 
 RECIPE_STAGES = ("sft", "rejection", "distill", "r1")   # the rest of the R1 recipe (see nanor1.py)
+MODEL_STAGES = ("sample",)   # the trained model, outside training: ask it
 MAX_PROMPT_TOKENS = 32   # room a rollout leaves for its prompt; "(99+99)*9-99=" is 14 tokens
 
 
@@ -70,6 +72,10 @@ def parse_args(config_cls, argv=None):
         g, helps = p.add_argument_group(group), _field_help(cls)
         for f in dataclasses.fields(cls):
             if f.name in ("model", "vocab_size"):
+                continue
+            if f.default_factory is list:   # a list (--prompt): the flag repeated, one value each
+                g.add_argument(f"--{f.name}", action="append", default=[], metavar="STR",
+                               help=helps.get(f.name, f.name))
                 continue
             default = f.default
             is_bool = isinstance(default, bool)   # a bare --resume means --resume true
@@ -140,7 +146,7 @@ POSITIVE = ("batch_size", "block_size", "grad_accum", "prompts_per_step", "max_n
 NON_NEGATIVE = ("pretrain_steps", "grpo_steps", "warmup_steps", "eval_every", "grpo_eval_every",
                 "top_k", "threads", "beta", "weight_decay", "ckpt_every", "grpo_ckpt_every",
                 "cold_start", "rs_prompts", "r1_grpo_steps", "student_layers",
-                "student_pretrain_steps", "student_grpo_steps")
+                "student_pretrain_steps", "student_grpo_steps", "num_samples")
 
 
 def validate(cfg):
@@ -150,9 +156,10 @@ def validate(cfg):
     def need(ok, name, rule):
         if not ok:
             raise ValueError(f"--{name}={getattr(cfg, name)!r}: {rule}")
-    need(cfg.stage in ("all", "pretrain", "grpo", "eval") + RECIPE_STAGES, "stage",
-         "must be all, pretrain, grpo or eval (R1-Zero), or sft, rejection, distill or r1 "
-         "(the R1 recipe)")
+    need(cfg.stage in ("all", "pretrain", "grpo", "eval") + RECIPE_STAGES + MODEL_STAGES, "stage",
+         "must be all, pretrain, grpo or eval (R1-Zero), sft, rejection, distill or r1 (the R1 "
+         "recipe), or sample (the trained model)")
+    need(not cfg.prompt or cfg.stage == "sample", "prompt", "is for --stage sample")
     need(cfg.agg in ("seq", "token", "constant"), "agg", "must be seq, token or constant")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
     need(0.0 <= cfg.think_frac <= 1.0, "think_frac", "must be in [0, 1]")
@@ -197,9 +204,9 @@ def validate(cfg):
          f"the global batch must split into {world} ranks x {accum} micro-steps")
     need(cfg.prompts_per_step % world == 0, "prompts_per_step",
          f"must be divisible by the world size {world}")
-    need(world == 1 or cfg.stage not in RECIPE_STAGES, "stage",
-         f"{cfg.stage} runs in one process (the R1-recipe stages do not shard over torchrun's "
-         f"ranks)")
+    need(world == 1 or cfg.stage not in RECIPE_STAGES + MODEL_STAGES, "stage",
+         f"{cfg.stage} runs in one process (the R1-recipe stages and sample do not shard over "
+         f"torchrun's ranks)")
 
 
 def config_error(message: str):
@@ -488,6 +495,37 @@ def read_sft_data(path: str, is_heldout) -> list:
     return records
 
 
+def read_problems(cfg, prompt_tokens, max_seq_len: int) -> list:
+    """--stage sample's problems: each --prompt, or else each non-blank line of standard input,
+    read by the task (data.parse_problem). Text that is not a problem, or whose prompt_tokens and
+    max_new_tokens do not fit in max_seq_len, ends the run with one line naming it (exit 2)."""
+    if cfg.prompt:
+        texts = [("--prompt", t) for t in cfg.prompt]
+    else:
+        if sys.stdin is not None and sys.stdin.isatty():
+            print("reading problems from standard input, one a line (Ctrl-D ends)", file=sys.stderr)
+        raw = sys.stdin.buffer.read() if sys.stdin is not None else b""
+        texts = [(f"standard input line {n}", t) for n, t in
+                 enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1) if t.strip()]
+        if not texts:
+            config_error('no problem to ask: pass --prompt "(47+85)*3-29", or one a line on '
+                         'standard input')
+    problems = []
+    for where, text in texts:
+        shown = repr(text if len(text) <= 40 else text[:37] + "...")
+        try:
+            p = parse_problem(text)
+        except ValueError as e:
+            config_error(f"{where} {shown}: not a problem of + - * and parentheses over "
+                         f"non-negative integers: {e}")
+        if len(prompt_tokens(p)) + cfg.max_new_tokens > max_seq_len:
+            config_error(f"{where} {shown}: its {len(prompt_tokens(p))} tokens and "
+                         f"--max_new_tokens={cfg.max_new_tokens} do not fit in the model's "
+                         f"context (max_seq_len {max_seq_len})")
+        problems.append(p)
+    return problems
+
+
 def log_metrics(cfg, record: dict):
     if int(os.environ.get("RANK", 0)) == 0:
         with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
@@ -530,7 +568,7 @@ def truncate_metrics(cfg, stage: str, step: int):
 
 RESUME_FREE = {"stage", "out_dir", "init_from", "resume", "device", "threads", "compile",
                "log_every", "eval_every", "ckpt_every", "grpo_eval_every", "grpo_ckpt_every",
-               "grpo_eval_n", "n_test", "eval_batch",
+               "grpo_eval_n", "n_test", "eval_batch", "prompt", "num_samples",
                # the R1-recipe stages' settings: an R1-Zero run (all, pretrain, grpo) never reads
                "sft_data", "sft_epochs", "sft_batch", "sft_lr", "cold_start", "rs_prompts",
                "rs_samples", "r1_grpo_steps", "student_dim", "student_layers",
@@ -589,8 +627,8 @@ _RUN = {"argv": [], "signal": None, "in_loop": False}   # argv: the flags that r
 
 
 def remember_resume_flags(cfg, argv: list):
-    """The flags that resume this run (None: an R1-recipe stage, which runs again instead)."""
-    if cfg.stage in RECIPE_STAGES:
+    """The flags that resume this run (None: a stage that runs again instead, not training)."""
+    if cfg.stage in RECIPE_STAGES + MODEL_STAGES:
         _RUN["argv"] = None
     else:
         _RUN["argv"] = argv if cfg.resume else argv + ["--resume"]

@@ -1,6 +1,7 @@
 """
-report.py -- what nanor1 shows of a run: progress fields, result tables, out/summary.json and the
-plots in out/nanor1.png. Nothing in this file is R1: start with nanor1.py.
+report.py -- what nanor1 shows of a run: progress fields, result tables, out/summary.json, the
+plots in out/nanor1.png, and --stage sample's lines. Nothing in this file is R1: start with
+nanor1.py.
 """
 import contextlib
 import json
@@ -8,7 +9,7 @@ import os
 
 import torch
 
-from data import LEVELS
+from data import LEVELS, OUTSIDE, is_heldout
 from plumbing import all_reduce_sum, fmt_time, log_metrics, mfu, print0, write_json
 
 
@@ -275,3 +276,31 @@ def make_plots(cfg, base: dict, final: dict):
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "nanor1.png"), dpi=110)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# --stage sample's lines. Model output is untrusted text: it cannot act on the terminal.
+
+def _printable(text: str) -> str:
+    """Model text for a terminal: a control character (an escape sequence, a newline) shown as
+    its escape, so that what the model wrote cannot act on the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def problem_line(p) -> str:
+    """--stage sample: the problem, its answer, and whether the model was trained on its kind."""
+    if p.level == OUTSIDE:
+        where = (f"outside the training levels ({', '.join(LEVELS)}): the model was never "
+                 f"trained on a problem like it")
+    else:
+        where = f"level {p.level}, " + ("held out (never trained on)" if is_heldout(p.text) else
+                                        "a training problem (it may have seen it)")
+    return f"{p.prompt} | truth {p.answer} | {where}"
+
+
+def answer_line(i: int, text: str, answer, right: bool, reward: float) -> str:
+    """--stage sample: completion i (0: the greedy one), its parsed answer, right or wrong, its
+    reward."""
+    label = "greedy" if i == 0 else f"sample {i}"
+    return (f"  {label:<9} {'right' if right else 'wrong'}  reward {reward:.2f}  answer "
+            f"{'-' if answer is None else answer:<6} {_printable(text)}")
