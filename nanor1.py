@@ -10,6 +10,7 @@ learns, by itself, to think step by step before it answers.
     python nanor1.py --stage r1              # the R1 recipe from out/base.pt (~6 min)
     python nanor1.py --stage distill         # a 4x smaller student, RL vs distilled (~6 min)
     python nanor1.py --stage sample --prompt "(47+85)*3-29"   # ask out/final.pt a problem
+    python nanor1.py --stage export          # out/final.pt -> out/hf/, a HF DeepSeek-V3 checkpoint
     torchrun --standalone --nproc_per_node=8 nanor1.py --dim 256 ...   # GPUs (see train.sh)
     python nanor1.py --help                  # every setting, with its default
 
@@ -56,7 +57,7 @@ from plumbing import (RECIPE_STAGES, Progress, accum_steps, all_reduce_sum, auto
                       read_resume_checkpoint, read_sft_data, remember_resume_flags,
                       restore_optimizer, save_checkpoint, setup, stage_cfg, start_metrics,
                       teardown, training_loop, wrap_ddp, write_jsonl)
-from plumbing import MODEL_STAGES, read_problems
+from plumbing import MODEL_STAGES, export_hf, read_problems
 from plumbing import parse_args as parse_flags
 from report import levels_line
 
@@ -67,7 +68,7 @@ from report import levels_line
 @dataclass
 class Config:
     # run
-    stage: str = "all"  # all|pretrain|grpo|eval (R1-Zero), sft|rejection|distill|r1, sample
+    stage: str = "all"  # all|pretrain|grpo|eval (R1-Zero), sft|rejection|distill|r1, export|sample
     out_dir: str = "out"  # checkpoints, metrics, plots, summary
     init_from: str = ""   # the stage's model (default out_dir/base.pt, or final.pt for eval etc.)
     seed: int = 1337
@@ -856,8 +857,8 @@ def main(argv=None):
     cfg = parse_args(argv)
     remember_resume_flags(cfg, argv)
     rank, world, device = setup(cfg)
-    if cfg.stage in MODEL_STAGES:   # the trained model, outside training: ask it
-        return ask(cfg, device)
+    if cfg.stage in MODEL_STAGES:   # the trained model, outside training: export it, or ask it
+        return export_hf(cfg, EOT) if cfg.stage == "export" else ask(cfg, device)
     prepare_out_dir(cfg, rank)
     # --resume: read and check the checkpoint before anything runs or is written
     resume = read_resume_checkpoint(cfg, device, enc.n_vocab) if cfg.resume else None
