@@ -376,10 +376,11 @@ def completion_text(tokens: torch.Tensor) -> str:
 
 @torch.no_grad()
 def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed: int = 0,
-             force: str = "") -> dict:
+             force: str = "", shown: list = None) -> dict:
     """-> {level and "overall": {accuracy, think_rate, mean_length, format}}, sharded over ranks.
     force="think" or "answer" starts every completion with that tag: the accuracy the model would
-    have if it always thought, or always answered directly."""
+    have if it always thought, or always answered directly. shown: a list that gets this rank's
+    completions, as records (for out_dir/samples.html)."""
     forced = {"": [], "think": [THINK], "answer": [ANSWER]}[force]
     rank, world = rank_and_world()
     items = [(li, p) for li, lvl in enumerate(tests) for p in tests[lvl]][rank::world]
@@ -394,9 +395,11 @@ def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed:
         lengths = response_lengths(mask, truncated).tolist()
         for (li, p), comp, n in zip(chunk, comps, lengths):
             text = enc.decode(forced) + completion_text(comp)   # the forced tag is its own
-            sums[li] += torch.tensor([1, accuracy_reward(text, p.answer),
-                                      text.startswith("<think>"), n, format_reward(text)],
+            acc, fmt = accuracy_reward(text, p.answer), format_reward(text)
+            sums[li] += torch.tensor([1, acc, text.startswith("<think>"), n, fmt],
                                      dtype=torch.float64)
+            if shown is not None:
+                shown.append(dict(p.record(text), right=acc == 1.0, well_formed=fmt == 1.0))
     return report.level_rates(all_reduce_sum(sums.to(device)).cpu(), list(tests))
 
 
@@ -589,6 +592,7 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
             progress.line(step + 1, report.grpo_fields(rec), last=last)
             if (cfg.grpo_eval_every and (step + 1) % cfg.grpo_eval_every == 0) or last:
                 rec["heldout"] = evaluate(model, subset(tests, cfg.grpo_eval_n), cfg, device)
+                rec["samples"] = report.group_samples(problems, texts, rewards, acc, advantages, G)
                 print0(f"  held-out (greedy, {cfg.grpo_eval_n}/level): "
                        + levels_line(rec["heldout"]))
             log_metrics(cfg, rec)
@@ -889,7 +893,8 @@ def main(argv=None):
         model = load_base_model(cfg, device, resume_grpo)
 
     # 2) the base: it rarely thinks on its own, though thinking would pay (forced to think)
-    base = evaluate(model, tests, cfg, device)
+    shown = {"base": [], "final": []}    # its completions and the final model's, for samples.html
+    base = evaluate(model, tests, cfg, device, shown=shown["base"])
     print0(f"held-out (greedy, {cfg.n_test}/level) before GRPO: " + levels_line(base))
     sampled = evaluate(model, subset(tests, 100), cfg, device, greedy=False, seed=cfg.seed)
     print0(f"held-out (sampled T={cfg.temperature}, 100/level):  " + levels_line(sampled))
@@ -909,11 +914,11 @@ def main(argv=None):
         if rank == 0:
             save_checkpoint(os.path.join(cfg.out_dir, "final.pt"), model, cfg, stage="grpo",
                             step=cfg.grpo_steps)
-        final = evaluate(model, tests, cfg, device)
+        final = evaluate(model, tests, cfg, device, shown=shown["final"])
         print0(f"held-out (greedy, {cfg.n_test}/level) after GRPO:  " + levels_line(final))
     wall["total"] = time.time() - t0
     if rank == 0:
-        report.finish_r1_zero(cfg, wall, base, sampled, forced, final)
+        report.finish_r1_zero(cfg, wall, base, sampled, forced, final, shown)
     teardown()
 
 

@@ -385,7 +385,8 @@ def test_the_pipeline_under_torchrun_writes_its_outputs_once(tmp_path):
     for prefix, n in (("pretrain ", 2), ("grpo ", 2), ("  held-out (greedy, 2/level):", 2), ("held-out (", 5)):
         assert sum(line.startswith(prefix) for line in lines) == n, (prefix, r.stdout)
     files = set(os.listdir(tmp_path))
-    assert {"base.pt", "final.pt", "metrics.jsonl", "nanor1.png", "summary.json"} <= files, files
+    outputs = {"base.pt", "final.pt", "metrics.jsonl", "nanor1.png", "samples.html", "summary.json"}
+    assert outputs <= files, files
     assert not [f for f in files if f.startswith(".") or "tmp" in f or "rank" in f], files   # no leftovers
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [(r["stage"], r["step"]) for r in recs] == [("pretrain", 3), ("pretrain", 6), ("grpo", 1), ("grpo", 2)]
