@@ -744,8 +744,11 @@ def remember_resume_flags(cfg, argv: list):
 def resume_command() -> str:
     prog = sys.argv[0] if sys.argv[0].endswith(".py") else "nanor1.py"
     world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))   # torchrun's --nproc_per_node
     launch = f"torchrun --standalone --nproc_per_node={world} {prog}" if world > 1 else \
         f"python {prog}"
+    if world > local:   # several machines: only each node knows its own launch (train.sh's NNODES)
+        launch = f"on each of the {world // local} nodes, its torchrun launch of {prog}"
     return f"{launch} {shlex.join(_RUN['argv'])}"
 
 
