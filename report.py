@@ -323,9 +323,10 @@ def _mark(right: bool) -> str:
 
 def _answer_cell(rec) -> str:
     if rec is None:
-        return '<td class="none">-</td>'
+        return '<td class="model">-</td>'
     form = "" if rec.get("well_formed", True) else ' <span class="note">not well formed</span>'
-    return f'<td>{_mark(rec["right"])}{form}<br>{completion_html(rec["completion"])}</td>'
+    text = completion_html(rec["completion"])
+    return f'<td class="model">{_mark(rec["right"])}{form}<br>{text}</td>'
 
 
 def levels_tables(shown: dict, titles: dict) -> str:
@@ -391,7 +392,8 @@ th { background: #f0f0f0; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .problem, code { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.95em; }
 .problem { font-weight: bold; white-space: nowrap; }
-code.completion { display: block; white-space: pre-wrap; word-break: break-all; }
+code.completion { display: block; white-space: pre-wrap; overflow-wrap: anywhere; }
+td.model { width: 40%; }
 .tag { color: #999; }
 .think { background: #eef3fb; color: #345; }
 .answer { background: #fff3c4; font-weight: bold; }

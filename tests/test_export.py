@@ -144,7 +144,7 @@ def test_transformers_loads_the_export_and_gives_nanor1s_logits(transformers, tm
             assert (free(x)[0] - theirs).abs().max() > 1e-2
 
 
-@needs("rmsnorm_rope", "gate")   # forward passes in eval mode
+@needs("rmsnorm_rope", "gate", "mla_absorb")   # forward passes in eval mode, nanor1.generate
 def test_without_safetensors_or_transformers_the_export_is_a_pytorch_model_bin(transformers,
                                                                                tmp_path):
     model = random_model(seed=3, q_lora_rank=12)
@@ -166,7 +166,13 @@ def test_without_safetensors_or_transformers_the_export_is_a_pytorch_model_bin(t
     x = tokens(seed=4)
     with torch.no_grad():
         ours = model(x)[0]
-    assert (ours - hf_logits(transformers, path, x)[1]).abs().max() <= 1e-4
+    hf, theirs = hf_logits(transformers, path, x)
+    assert (ours - theirs).abs().max() <= 1e-4
+    # and transformers' generate, as the README shows it, decodes what nanor1 decodes
+    prompt = nanor1.prompt_tokens("(47+85)*3-29=")
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+    ours = nanor1.generate(model, [prompt], 16, greedy=True)[0][0]
+    assert nanor1.completion_text(out[0, len(prompt):]) == nanor1.completion_text(ours)
 
 
 # -----------------------------------------------------------------------------
