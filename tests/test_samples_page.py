@@ -65,16 +65,18 @@ def read_page(path) -> Page:
     return page
 
 
-def held_out_record(p, completion):
-    return dict(p.record(completion), right=nanor1.accuracy_reward(completion, p.answer) == 1.0,
-                well_formed=nanor1.format_reward(completion) == 1.0)
+def held_out_record(p, completion, i=0):
+    """What evaluate keeps of a completion; right and well formed as given (the page only shows
+    them: the rewards are tested elsewhere)."""
+    return dict(p.record(completion), right=i % 3 == 0, well_formed=i % 2 == 0)
 
 
 def test_the_page_holds_exactly_the_completions_it_was_given_as_text(tmp_path):
     tests = data.test_set(2)
     problems = [p for lvl in data.LEVELS for p in tests[lvl]]                  # 8, 2 per level
-    base = [held_out_record(p, ADVERSARIAL[i % len(ADVERSARIAL)]) for i, p in enumerate(problems)]
-    final = [held_out_record(p, ADVERSARIAL[-1 - i % len(ADVERSARIAL)])
+    base = [held_out_record(p, ADVERSARIAL[i % len(ADVERSARIAL)], i)
+            for i, p in enumerate(problems)]
+    final = [held_out_record(p, ADVERSARIAL[-1 - i % len(ADVERSARIAL)], i + 1)
              for i, p in enumerate(problems)]
     p = problems[0]
     grpo = [{"stage": "grpo", "step": step, "reward": 0.5, "acc": 0.4, "think": 0.3,
@@ -110,6 +112,7 @@ def test_the_page_holds_exactly_the_completions_it_was_given_as_text(tmp_path):
         assert f"{p.text}=" in outside
     assert outside.count("\u2713 right") == sum(r["right"] for r in base + final) + \
         sum(s["right"] for r in grpo for s in r["samples"])
+    assert outside.count("not well formed") == sum(not r["well_formed"] for r in base + final)
 
 
 def test_without_grpo_steps_the_page_shows_the_held_out_answers_alone(tmp_path):
