@@ -511,9 +511,10 @@ def read_problems(cfg, prompt_tokens, max_seq_len: int) -> list:
     else:
         if sys.stdin is not None and sys.stdin.isatty():
             print("reading problems from standard input, one a line (Ctrl-D ends)", file=sys.stderr)
-        raw = sys.stdin.buffer.read() if sys.stdin is not None else b""
-        texts = [(f"standard input line {n}", t) for n, t in
-                 enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1) if t.strip()]
+        stdin = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else None   # bytes: any input
+        raw = stdin.read().decode("utf-8", errors="replace") if stdin else ""
+        texts = [(f"standard input line {n}", t) for n, t in enumerate(raw.splitlines(), 1)
+                 if t.strip()]
         if not texts:
             config_error('no problem to ask: pass --prompt "(47+85)*3-29", or one a line on '
                          'standard input')
