@@ -9,6 +9,8 @@ learns, by itself, to think step by step before it answers.
     python nanor1.py ... --resume            # continue a killed or stopped run (same flags)
     python nanor1.py --stage r1              # the R1 recipe from out/base.pt (~6 min)
     python nanor1.py --stage distill         # a 4x smaller student, RL vs distilled (~6 min)
+    python nanor1.py --stage sample --prompt "(47+85)*3-29"   # ask out/final.pt a problem
+    python nanor1.py --stage export          # out/final.pt -> out/hf/, a HF DeepSeek-V3 checkpoint
     torchrun --standalone --nproc_per_node=8 nanor1.py --dim 256 ...   # GPUs (see train.sh)
     python nanor1.py --help                  # every setting, with its default
 
@@ -55,6 +57,7 @@ from plumbing import (RECIPE_STAGES, Optimizers, Progress, accum_steps, all_redu
                       read_resume_checkpoint, read_sft_data, remember_resume_flags,
                       restore_optimizer, save_checkpoint, setup, stage_cfg, start_metrics,
                       teardown, training_loop, wrap_ddp, write_jsonl)
+from plumbing import MODEL_STAGES, export_hf, read_problems
 from plumbing import parse_args as parse_flags
 from report import levels_line
 
@@ -65,7 +68,7 @@ from report import levels_line
 @dataclass
 class Config:
     # run
-    stage: str = "all"    # all | pretrain | grpo | eval (R1-Zero), sft | rejection | distill | r1
+    stage: str = "all"  # all|pretrain|grpo|eval (R1-Zero), sft|rejection|distill|r1, export|sample
     out_dir: str = "out"  # checkpoints, metrics, plots, summary
     init_from: str = ""   # the stage's model (default out_dir/base.pt, or final.pt for eval etc.)
     seed: int = 1337
@@ -74,6 +77,8 @@ class Config:
     compile: bool = False  # torch.compile the training forward (CUDA)
     threads: int = 0      # torch CPU threads (0 = torch's default)
     resume: bool = False  # continue the run in out_dir/ckpt.pt (killed or stopped; same flags)
+    prompt: list = field(default_factory=list)  # --stage sample: a problem (repeatable; else stdin)
+    num_samples: int = 4  # --stage sample: completions sampled per problem, besides the greedy one
     # data
     think_frac: float = 0.4         # share of pretraining documents written as worked solutions
     level_weights: str = "1,1,1,2"  # pretraining mix of add2,add3,mul,multi (multi is hardest)
@@ -385,10 +390,11 @@ def completion_text(tokens: torch.Tensor) -> str:
 
 @torch.no_grad()
 def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed: int = 0,
-             force: str = "") -> dict:
+             force: str = "", shown: list = None) -> dict:
     """-> {level and "overall": {accuracy, think_rate, mean_length, format}}, sharded over ranks.
     force="think" or "answer" starts every completion with that tag: the accuracy the model would
-    have if it always thought, or always answered directly."""
+    have if it always thought, or always answered directly. shown: a list that gets this rank's
+    completions, as records (for out_dir/samples.html)."""
     forced = {"": [], "think": [THINK], "answer": [ANSWER]}[force]
     rank, world = rank_and_world()
     items = [(li, p) for li, lvl in enumerate(tests) for p in tests[lvl]][rank::world]
@@ -403,10 +409,27 @@ def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed:
         lengths = response_lengths(mask, truncated).tolist()
         for (li, p), comp, n in zip(chunk, comps, lengths):
             text = enc.decode(forced) + completion_text(comp)   # the forced tag is its own
-            sums[li] += torch.tensor([1, accuracy_reward(text, p.answer),
-                                      text.startswith("<think>"), n, format_reward(text)],
+            acc, fmt = accuracy_reward(text, p.answer), format_reward(text)
+            sums[li] += torch.tensor([1, acc, text.startswith("<think>"), n, fmt],
                                      dtype=torch.float64)
+            if shown is not None:
+                shown.append(dict(p.record(text), right=acc == 1.0, well_formed=fmt == 1.0))
     return report.level_rates(all_reduce_sum(sums.to(device)).cpu(), list(tests))
+
+
+def ask(cfg: Config, device):
+    """--stage sample: the model's greedy answer and num_samples sampled ones to each problem."""
+    model, _ = load_stage_model(cfg, device, "final.pt")
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    for p in read_problems(cfg, prompt_tokens, model.cfg.max_seq_len):
+        print(report.problem_line(p))
+        for i, greedy in enumerate([True] + [False] * cfg.num_samples):   # 0: the greedy one
+            comp = generate(model, [prompt_tokens(p)], cfg.max_new_tokens, cfg.temperature,
+                            cfg.top_k, greedy, gen, autocast(cfg, device))[0][0]
+            text = completion_text(comp)
+            acc, fmt = accuracy_reward(text, p.answer), format_reward(text)
+            reward = cfg.acc_weight * acc + cfg.format_weight * fmt
+            print(report.answer_line(i, text, parse_answer(text), acc == 1.0, reward))
 
 
 # -----------------------------------------------------------------------------
@@ -583,6 +606,7 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
             progress.line(step + 1, report.grpo_fields(rec), last=last)
             if (cfg.grpo_eval_every and (step + 1) % cfg.grpo_eval_every == 0) or last:
                 rec["heldout"] = evaluate(model, subset(tests, cfg.grpo_eval_n), cfg, device)
+                rec["samples"] = report.group_samples(problems, texts, rewards, acc, advantages, G)
                 print0(f"  held-out (greedy, {cfg.grpo_eval_n}/level): "
                        + levels_line(rec["heldout"]))
             log_metrics(cfg, rec)
@@ -852,6 +876,8 @@ def main(argv=None):
     cfg = parse_args(argv)
     remember_resume_flags(cfg, argv)
     rank, world, device = setup(cfg)
+    if cfg.stage in MODEL_STAGES:   # the trained model, outside training: export it, or ask it
+        return export_hf(cfg, EOT) if cfg.stage == "export" else ask(cfg, device)
     prepare_out_dir(cfg, rank)
     # --resume: read and check the checkpoint before anything runs or is written
     resume = read_resume_checkpoint(cfg, device, enc.n_vocab) if cfg.resume else None
@@ -882,7 +908,8 @@ def main(argv=None):
         model = load_base_model(cfg, device, resume_grpo)
 
     # 2) the base: it rarely thinks on its own, though thinking would pay (forced to think)
-    base = evaluate(model, tests, cfg, device)
+    shown = {"base": [], "final": []}    # its completions and the final model's, for samples.html
+    base = evaluate(model, tests, cfg, device, shown=shown["base"])
     print0(f"held-out (greedy, {cfg.n_test}/level) before GRPO: " + levels_line(base))
     sampled = evaluate(model, subset(tests, 100), cfg, device, greedy=False, seed=cfg.seed)
     print0(f"held-out (sampled T={cfg.temperature}, 100/level):  " + levels_line(sampled))
@@ -902,11 +929,11 @@ def main(argv=None):
         if rank == 0:
             save_checkpoint(os.path.join(cfg.out_dir, "final.pt"), model, cfg, stage="grpo",
                             step=cfg.grpo_steps)
-        final = evaluate(model, tests, cfg, device)
+        final = evaluate(model, tests, cfg, device, shown=shown["final"])
         print0(f"held-out (greedy, {cfg.n_test}/level) after GRPO:  " + levels_line(final))
     wall["total"] = time.time() - t0
     if rank == 0:
-        report.finish_r1_zero(cfg, wall, base, sampled, forced, final)
+        report.finish_r1_zero(cfg, wall, base, sampled, forced, final, shown)
     teardown()
 
 

@@ -4,7 +4,9 @@ plumbing.py -- the machinery around nanor1. Nothing in this file is R1: start wi
 What lives here, so that nanor1.py can read as the method alone:
   * flags: the Config dataclass -> argparse, validation with one-line errors;
   * torchrun: process group, print0, all-reduce, DDP wrapping and the GRPO loss shares;
-  * checkpoints: atomic save, read with clear errors, resume checks, the metrics log;
+  * checkpoints: atomic save, read with clear errors, resume checks, the metrics log, and the
+    export as a HuggingFace DeepseekV3ForCausalLM (--stage export);
+  * --stage sample's problems, from --prompt flags or standard input;
   * stopping safely: Ctrl-C / SIGTERM finish the step and save; a kill loses at most ckpt_every
     steps;
   * progress lines with an ETA, and MFU against a peak FLOP/s.
@@ -26,10 +28,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from data import LEVELS
+from data import LEVELS, parse_problem
 from moe import ModelConfig, Transformer
 
 RECIPE_STAGES = ("sft", "rejection", "distill", "r1")   # the rest of the R1 recipe (see nanor1.py)
+MODEL_STAGES = ("export", "sample")   # the trained model, outside training: export it, ask it
 MAX_PROMPT_TOKENS = 32   # room a rollout leaves for its prompt; "(99+99)*9-99=" is 14 tokens
 
 
@@ -70,6 +73,10 @@ def parse_args(config_cls, argv=None):
         g, helps = p.add_argument_group(group), _field_help(cls)
         for f in dataclasses.fields(cls):
             if f.name in ("model", "vocab_size"):
+                continue
+            if f.default_factory is list:   # a list (--prompt): the flag repeated, one value each
+                g.add_argument(f"--{f.name}", action="append", default=[], metavar="STR",
+                               help=helps.get(f.name, f.name))
                 continue
             default = f.default
             is_bool = isinstance(default, bool)   # a bare --resume means --resume true
@@ -140,7 +147,7 @@ POSITIVE = ("batch_size", "block_size", "grad_accum", "prompts_per_step", "max_n
 NON_NEGATIVE = ("pretrain_steps", "grpo_steps", "warmup_steps", "eval_every", "grpo_eval_every",
                 "top_k", "threads", "beta", "weight_decay", "ckpt_every", "grpo_ckpt_every",
                 "cold_start", "rs_prompts", "r1_grpo_steps", "student_layers",
-                "student_pretrain_steps", "student_grpo_steps")
+                "student_pretrain_steps", "student_grpo_steps", "num_samples")
 
 
 def validate(cfg):
@@ -150,9 +157,10 @@ def validate(cfg):
     def need(ok, name, rule):
         if not ok:
             raise ValueError(f"--{name}={getattr(cfg, name)!r}: {rule}")
-    need(cfg.stage in ("all", "pretrain", "grpo", "eval") + RECIPE_STAGES, "stage",
-         "must be all, pretrain, grpo or eval (R1-Zero), or sft, rejection, distill or r1 "
-         "(the R1 recipe)")
+    need(cfg.stage in ("all", "pretrain", "grpo", "eval") + RECIPE_STAGES + MODEL_STAGES, "stage",
+         "must be all, pretrain, grpo or eval (R1-Zero), sft, rejection, distill or r1 (the R1 "
+         "recipe), or export or sample (the trained model)")
+    need(not cfg.prompt or cfg.stage == "sample", "prompt", "is for --stage sample")
     need(cfg.agg in ("seq", "token", "constant"), "agg", "must be seq, token or constant")
     need(cfg.optimizer in ("muon", "adamw"), "optimizer", "must be muon or adamw")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
@@ -199,9 +207,9 @@ def validate(cfg):
          f"the global batch must split into {world} ranks x {accum} micro-steps")
     need(cfg.prompts_per_step % world == 0, "prompts_per_step",
          f"must be divisible by the world size {world}")
-    need(world == 1 or cfg.stage not in RECIPE_STAGES, "stage",
-         f"{cfg.stage} runs in one process (the R1-recipe stages do not shard over torchrun's "
-         f"ranks)")
+    need(world == 1 or cfg.stage not in RECIPE_STAGES + MODEL_STAGES, "stage",
+         f"{cfg.stage} runs in one process (the R1-recipe stages, export and sample do not shard "
+         f"over torchrun's ranks)")
 
 
 def config_error(message: str):
@@ -217,13 +225,19 @@ def first_line(e: Exception) -> str:
 
 def prepare_out_dir(cfg, rank: int):
     """out_dir must exist and be writable before any work is done (one line and exit 2 if not)."""
+    writable_dir(cfg.out_dir, f"--out_dir={cfg.out_dir!r}", rank)
+
+
+def writable_dir(path: str, what: str, rank: int = 0):
+    """Make the directory path if need be and write a file in it, or stop with one line naming
+    it as `what` (exit 2)."""
     try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        probe = os.path.join(cfg.out_dir, f".write-test-{rank}")
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{rank}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        config_error(f"--out_dir={cfg.out_dir!r}: must be a writable directory ({e.strerror or e})")
+        config_error(f"{what}: must be a writable directory ({e.strerror or e})")
 
 
 # -----------------------------------------------------------------------------
@@ -490,6 +504,38 @@ def read_sft_data(path: str, is_heldout) -> list:
     return records
 
 
+def read_problems(cfg, prompt_tokens, max_seq_len: int) -> list:
+    """--stage sample's problems: each --prompt, or else each non-blank line of standard input,
+    read by the task (data.parse_problem). Text that is not a problem, or whose prompt_tokens and
+    max_new_tokens do not fit in max_seq_len, ends the run with one line naming it (exit 2)."""
+    if cfg.prompt:
+        texts = [("--prompt", t) for t in cfg.prompt]
+    else:
+        if sys.stdin is not None and sys.stdin.isatty():
+            print("reading problems from standard input, one a line (Ctrl-D ends)", file=sys.stderr)
+        stdin = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else None   # bytes: any input
+        raw = stdin.read().decode("utf-8", errors="replace") if stdin else ""
+        texts = [(f"standard input line {n}", t) for n, t in enumerate(raw.splitlines(), 1)
+                 if t.strip()]
+        if not texts:
+            config_error('no problem to ask: pass --prompt "(47+85)*3-29", or one a line on '
+                         'standard input')
+    problems = []
+    for where, text in texts:
+        shown = repr(text if len(text) <= 40 else text[:37] + "...")
+        try:
+            p = parse_problem(text)
+        except ValueError as e:
+            config_error(f"{where} {shown}: not a problem of + - * and parentheses over "
+                         f"non-negative integers: {e}")
+        if len(prompt_tokens(p)) + cfg.max_new_tokens > max_seq_len:
+            config_error(f"{where} {shown}: its {len(prompt_tokens(p))} tokens and "
+                         f"--max_new_tokens={cfg.max_new_tokens} do not fit in the model's "
+                         f"context (max_seq_len {max_seq_len})")
+        problems.append(p)
+    return problems
+
+
 def log_metrics(cfg, record: dict):
     if int(os.environ.get("RANK", 0)) == 0:
         with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
@@ -527,12 +573,112 @@ def truncate_metrics(cfg, stage: str, step: int):
 
 
 # -----------------------------------------------------------------------------
+# --stage export: a checkpoint as HuggingFace's DeepseekV3ForCausalLM loads it, under the names of
+# the published DeepSeek-V3 checkpoints. transformers is not needed to write it (nor imported);
+# tests/test_export.py loads it with transformers and compares the logits with nanor1's.
+
+HF_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+          "head.weight": "lm_head.weight"}
+HF_LAYER = [   # nanor1 -> DeepSeek-V3, replaced in this order in the name after "layers.{i}."
+    ("attn_norm.", "input_layernorm."), ("ffn_norm.", "post_attention_layernorm."),
+    ("attn.wq.", "self_attn.q_proj."), ("attn.wq_a.", "self_attn.q_a_proj."),
+    ("attn.q_norm.", "self_attn.q_a_layernorm."), ("attn.wq_b.", "self_attn.q_b_proj."),
+    ("attn.wkv_a.", "self_attn.kv_a_proj_with_mqa."),
+    ("attn.kv_norm.", "self_attn.kv_a_layernorm."), ("attn.wkv_b.", "self_attn.kv_b_proj."),
+    ("attn.wo.", "self_attn.o_proj."),
+    ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"), ("ffn.", "mlp."),
+    ("w1.", "gate_proj."), ("w3.", "up_proj."), ("w2.", "down_proj.")]
+
+
+def hf_name(name: str) -> str:
+    """A nanor1 state_dict key -> its name in DeepSeek-V3's published checkpoints:
+    layers.3.ffn.experts.5.w1.weight -> model.layers.3.mlp.experts.5.gate_proj.weight."""
+    if name in HF_TOP:
+        return HF_TOP[name]
+    _, i, rest = name.split(".", 2)
+    for ours, theirs in HF_LAYER:
+        rest = rest.replace(ours, theirs)
+    return f"model.layers.{i}.{rest}"
+
+
+def hf_config(m: ModelConfig, eot: int) -> dict:
+    """config.json of DeepseekV3ForCausalLM for model config m, with the published checkpoints'
+    keys: sigmoid scores with the bias for choosing (noaux_tc), interleaved rope, no MTP layer."""
+    return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.inter_dim,
+            "moe_intermediate_size": m.moe_inter_dim, "num_hidden_layers": m.n_layers,
+            "first_k_dense_replace": m.n_dense_layers, "moe_layer_freq": 1,
+            "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_heads,
+            "n_routed_experts": m.n_routed_experts, "n_shared_experts": m.n_shared_experts,
+            "num_experts_per_tok": m.n_activated_experts, "n_group": m.n_expert_groups,
+            "topk_group": m.n_limited_groups, "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid", "norm_topk_prob": True,
+            "routed_scaling_factor": m.route_scale, "aux_loss_alpha": m.seq_aux_alpha,
+            "seq_aux": True, "q_lora_rank": m.q_lora_rank or None, "kv_lora_rank": m.kv_lora_rank,
+            "qk_nope_head_dim": m.qk_nope_head_dim, "qk_rope_head_dim": m.qk_rope_head_dim,
+            "v_head_dim": m.v_head_dim, "rope_theta": m.rope_theta, "rope_scaling": None,
+            "rope_interleave": True, "max_position_embeddings": m.max_seq_len,
+            "num_nextn_predict_layers": 0, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+            "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
+            "initializer_range": 0.02, "use_cache": True, "dtype": "float32",
+            "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+
+
+def hf_state_dict(model: Transformer) -> dict:
+    """The model's weights and router biases under hf_name, one tensor per expert as DeepSeek-V3
+    publishes them (transformers stacks them when it loads); without shared experts, the empty
+    ones transformers builds in their place (width 0)."""
+    tensors = {hf_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    c = model.cfg
+    empty = {"w1": (0, c.dim), "w3": (0, c.dim), "w2": (c.dim, 0)}
+    for i in range(c.n_dense_layers, c.n_layers) if c.n_shared_experts == 0 else ():
+        for w, shape in empty.items():
+            tensors[hf_name(f"layers.{i}.ffn.shared_experts.{w}.weight")] = torch.zeros(shape)
+    return tensors
+
+
+def export_hf(cfg, eot: int):
+    """--stage export: --init_from (default out_dir/final.pt) -> out_dir/hf/: config.json,
+    generation_config.json, and the weights as model.safetensors (pytorch_model.bin where the
+    safetensors package is not installed). One line and exit 2 for what cannot be exported."""
+    path = cfg.init_from or os.path.join(cfg.out_dir, "final.pt")
+    model, _ = load_checkpoint(path, torch.device("cpu"))
+    m, target = model.cfg, os.path.join(cfg.out_dir, "hf")
+    if m.score_func != "sigmoid":
+        config_error(f"cannot export {path}: DeepseekV3ForCausalLM scores experts with a sigmoid, "
+                     f"this model with {m.score_func}")
+    if m.n_routed_experts // m.n_expert_groups < 2:
+        config_error(f"cannot export {path}: DeepseekV3ForCausalLM needs >= 2 routed experts per "
+                     f"group (it scores a group by its top 2)")
+    writable_dir(target, f"cannot export to {target}/")
+    try:
+        from safetensors.torch import save as safetensors_bytes
+        weights, stale = "model.safetensors", "pytorch_model.bin"
+    except ImportError:
+        safetensors_bytes, weights, stale = None, "pytorch_model.bin", "model.safetensors"
+    tensors = hf_state_dict(model)
+    with atomic_write(os.path.join(target, weights), "wb") as f:
+        if safetensors_bytes:
+            f.write(safetensors_bytes(tensors, metadata={"format": "pt"}))
+        else:
+            torch.save(tensors, f)
+    with contextlib.suppress(FileNotFoundError):   # transformers would load an older one first
+        os.remove(os.path.join(target, stale))
+    write_json(os.path.join(target, "config.json"), hf_config(m, eot))
+    write_json(os.path.join(target, "generation_config.json"),
+               {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
+    print(f"exported {path} ({model.num_params() / 1e6:.2f}M params) to {target}/: config.json, "
+          f"{weights} ({len(tensors)} tensors); load it with transformers' "
+          f"AutoModelForCausalLM.from_pretrained({target!r})")
+
+
+# -----------------------------------------------------------------------------
 # Resume: out_dir/ckpt.pt holds the model, the optimizer and the step; a resumed run must have
 # the settings of the run that wrote it, except those that do not change what it computes.
 
 RESUME_FREE = {"stage", "out_dir", "init_from", "resume", "device", "threads", "compile",
                "log_every", "eval_every", "ckpt_every", "grpo_eval_every", "grpo_ckpt_every",
-               "grpo_eval_n", "n_test", "eval_batch",
+               "grpo_eval_n", "n_test", "eval_batch", "prompt", "num_samples",
                # the R1-recipe stages' settings: an R1-Zero run (all, pretrain, grpo) never reads
                "sft_data", "sft_epochs", "sft_batch", "sft_lr", "cold_start", "rs_prompts",
                "rs_samples", "r1_grpo_steps", "student_dim", "student_layers",
@@ -591,8 +737,8 @@ _RUN = {"argv": [], "signal": None, "in_loop": False}   # argv: the flags that r
 
 
 def remember_resume_flags(cfg, argv: list):
-    """The flags that resume this run (None: an R1-recipe stage, which runs again instead)."""
-    if cfg.stage in RECIPE_STAGES:
+    """The flags that resume this run (None: a stage that runs again instead, not training)."""
+    if cfg.stage in RECIPE_STAGES + MODEL_STAGES:
         _RUN["argv"] = None
     else:
         _RUN["argv"] = argv if cfg.resume else argv + ["--resume"]
@@ -601,8 +747,11 @@ def remember_resume_flags(cfg, argv: list):
 def resume_command() -> str:
     prog = sys.argv[0] if sys.argv[0].endswith(".py") else "nanor1.py"
     world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))   # torchrun's --nproc_per_node
     launch = f"torchrun --standalone --nproc_per_node={world} {prog}" if world > 1 else \
         f"python {prog}"
+    if world > local:   # several machines: only each node knows its own launch (train.sh's NNODES)
+        launch = f"on each of the {world // local} nodes, its torchrun launch of {prog}"
     return f"{launch} {shlex.join(_RUN['argv'])}"
 
 

@@ -1,15 +1,18 @@
 """
-report.py -- what nanor1 shows of a run: progress fields, result tables, out/summary.json and the
-plots in out/nanor1.png. Nothing in this file is R1: start with nanor1.py.
+report.py -- what nanor1 shows of a run: progress fields, result tables, out/summary.json, the
+plots in out/nanor1.png, what the model wrote in out/samples.html, and --stage sample's lines.
+Nothing in this file is R1: start with nanor1.py.
 """
 import contextlib
+import html
 import json
 import os
+import re
 
 import torch
 
-from data import LEVELS
-from plumbing import all_reduce_sum, fmt_time, log_metrics, mfu, print0, write_json
+from data import LEVELS, OUTSIDE, is_heldout
+from plumbing import all_reduce_sum, atomic_write, fmt_time, log_metrics, mfu, print0, write_json
 
 
 def levels_line(res: dict) -> str:
@@ -156,8 +159,10 @@ def stages_table(stages: list) -> str:
     return "\n".join(lines)
 
 
-def finish_r1_zero(cfg, wall: dict, base: dict, sampled: dict, forced: dict, final):
-    """Rank 0 at the end of an R1-Zero run: out_dir/summary.json, the plots, the table."""
+def finish_r1_zero(cfg, wall: dict, base: dict, sampled: dict, forced: dict, final,
+                   shown: dict = None):
+    """Rank 0 at the end of an R1-Zero run: out_dir/summary.json, the plots, the table, and
+    samples.html (shown: the base's and the final model's held-out completions, see evaluate)."""
     summary = {"seed": cfg.seed, "wall_seconds": wall, "base": levels_summary(base),
                "base_sampled": levels_summary(sampled),
                "base_forced_think": levels_summary(forced["think"]),
@@ -166,9 +171,11 @@ def finish_r1_zero(cfg, wall: dict, base: dict, sampled: dict, forced: dict, fin
         summary["final"] = levels_summary(final)
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     make_plots(cfg, base, final)
+    write_samples_page(cfg, shown or {})
     print0("\n" + summary_table(base, final or {}))
     print0("\nwall time: " + ", ".join(f"{k} {fmt_time(v)}" for k, v in wall.items()) +
-           f" | wrote {cfg.out_dir}/summary.json, {cfg.out_dir}/nanor1.png")
+           f" | wrote {cfg.out_dir}/summary.json, {cfg.out_dir}/nanor1.png, "
+           f"{cfg.out_dir}/samples.html")
 
 
 def finish_recipe(cfg, stages: list, extra: dict, seconds: float):
@@ -275,3 +282,180 @@ def make_plots(cfg, base: dict, final: dict):
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, "nanor1.png"), dpi=110)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# What the model wrote: out_dir/samples.html (one self-contained page) and --stage sample's lines.
+# Model output is untrusted text: every piece of it is escaped, none of it becomes markup.
+
+SHOWN_PER_LEVEL = 6   # held-out problems per level on the page
+GROUP_SHOWN = 8       # completions of a GRPO group on the page
+
+
+def group_samples(problems: list, texts: list, rewards, acc, advantages, G: int) -> list:
+    """The first group of a GRPO step's rollouts (one prompt's completions, at most GROUP_SHOWN),
+    with their rewards and advantages: for the step's metrics record and samples.html."""
+    return [{"problem": problems[i].text, "answer": problems[i].answer, "completion": texts[i],
+             "reward": rewards[i].item(), "advantage": advantages[i].item(),
+             "right": acc[i].item() == 1.0} for i in range(min(G, GROUP_SHOWN, len(texts)))]
+
+
+_TAG = re.compile(r"(</?think>|</?answer>)")
+
+
+def completion_html(text: str) -> str:
+    """A completion as HTML: the tags dimmed, the thinking and the answer each in a style of its
+    own (text outside both: a third), every piece escaped."""
+    part, out = "other", []
+    for piece in _TAG.split(text):
+        if _TAG.fullmatch(piece):
+            out.append(f'<span class="tag">{html.escape(piece)}</span>')
+            part = {"<think>": "think", "<answer>": "answer"}.get(piece, "other")
+        elif piece:
+            out.append(f'<span class="{part}">{html.escape(piece)}</span>')
+    return f'<code class="completion">{"".join(out)}</code>'
+
+
+def _mark(right: bool) -> str:
+    return '<span class="right">&#10003; right</span>' if right else \
+        '<span class="wrong">&#10007; wrong</span>'
+
+
+def _answer_cell(rec) -> str:
+    if rec is None:
+        return '<td class="model">-</td>'
+    form = "" if rec.get("well_formed", True) else ' <span class="note">not well formed</span>'
+    text = completion_html(rec["completion"])
+    return f'<td class="model">{_mark(rec["right"])}{form}<br>{text}</td>'
+
+
+def levels_tables(shown: dict, titles: dict) -> str:
+    """Per level a table: problem, truth, then each model's greedy completion (shown: {model:
+    records}; titles: {model: column title}), for the first SHOWN_PER_LEVEL problems."""
+    models = [m for m in titles if shown.get(m)]
+    if not models:
+        return ""
+    by_model = {m: {(r["level"], r["problem"]): r for r in shown[m]} for m in models}
+    parts = []
+    for level in LEVELS:
+        problems = [r for r in shown[models[0]] if r["level"] == level][:SHOWN_PER_LEVEL]
+        if not problems:
+            continue
+        head = "".join(f"<th>{html.escape(titles[m])}</th>" for m in models)
+        rows = "".join(
+            f'<tr><td class="problem">{html.escape(r["problem"])}=</td>'
+            f'<td class="num">{html.escape(str(r["answer"]))}</td>'
+            + "".join(_answer_cell(by_model[m].get((level, r["problem"]))) for m in models)
+            + "</tr>" for r in problems)
+        parts.append(f"<h3>{html.escape(level)}</h3><table><tr><th>problem</th><th>truth</th>"
+                     f"{head}</tr>{rows}</table>")
+    return "<h2>Held-out problems, greedy</h2>" + "".join(parts)
+
+
+def grpo_sections(records: list) -> str:
+    """For every GRPO step with samples in its metrics record: the step's held-out accuracy and
+    training reward, then one group of its sampled completions with rewards and advantages."""
+    parts = []
+    for r in records:
+        samples = r.get("samples") or []
+        if not samples:
+            continue
+        held = r.get("heldout", {}).get("overall", {})
+        stats = (f'reward {r.get("reward", 0):.2f}, accuracy {r.get("acc", 0):.2f}, '
+                 f'think rate {r.get("think", 0):.2f} in this step\'s samples')
+        if held:
+            stats += (f' | held-out (greedy) accuracy {held.get("accuracy", 0):.2f}, think rate '
+                      f'{held.get("think_rate", 0):.2f}')
+        rows = "".join(
+            f'<tr><td class="num">{i}</td><td>{_mark(x["right"])}</td>'
+            f'<td class="num">{x["reward"]:.2f}</td><td class="num">{x["advantage"]:+.2f}</td>'
+            f'<td>{completion_html(x["completion"])}</td></tr>' for i, x in enumerate(samples, 1))
+        first = samples[0]
+        parts.append(
+            f'<h3>GRPO step {int(r["step"])}</h3><p class="stats">{html.escape(stats)}</p>'
+            f'<p>one group: {len(samples)} completions sampled for '
+            f'<span class="problem">{html.escape(first["problem"])}=</span> (truth '
+            f'{html.escape(str(first["answer"]))})</p><table><tr><th>#</th><th>right?</th>'
+            f"<th>reward</th><th>advantage</th><th>completion</th></tr>{rows}</table>")
+    if not parts:
+        return ""
+    return ("<h2>GRPO: sampled completions at each held-out evaluation</h2><p>Advantage: the "
+            "reward less the group's mean, over the group's std (GRPO); a group whose rewards are "
+            "all equal teaches nothing.</p>" + "".join(parts))
+
+
+PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; width: 100%; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }
+th { background: #f0f0f0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.problem, code { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.95em; }
+.problem { font-weight: bold; white-space: nowrap; }
+code.completion { display: block; white-space: pre-wrap; overflow-wrap: anywhere; }
+td.model { width: 40%; }
+.tag { color: #999; }
+.think { background: #eef3fb; color: #345; }
+.answer { background: #fff3c4; font-weight: bold; }
+.other { background: #fde2e2; }
+.right { color: #176d2c; font-weight: bold; }
+.wrong { color: #b3261e; font-weight: bold; }
+.note, .stats, .legend { color: #666; }
+"""
+
+
+def samples_page(title: str, subtitle: str, shown: dict, titles: dict, records: list) -> str:
+    """The whole page as text: no script, no external file (fonts, styles, images): it opens
+    from the file system anywhere."""
+    legend = ('<p class="legend">In each completion: <span class="think">the thinking, inside '
+              '&lt;think&gt;</span>, <span class="answer">the answer, inside &lt;answer&gt;</span>,'
+              ' <span class="other">text outside both</span>, the tags in grey.</p>')
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(title)}</title><style>{PAGE_STYLE}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>{legend}"
+            f"{levels_tables(shown, titles)}{grpo_sections(records)}</body></html>\n")
+
+
+def write_samples_page(cfg, shown: dict):
+    """out_dir/samples.html, from shown (evaluate's records of the base and the final model) and
+    the GRPO records in out_dir/metrics.jsonl (so a resumed run's page has every step)."""
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    records = []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):   # a line a kill cut short
+                r = json.loads(line)
+                if isinstance(r, dict) and r.get("stage") == "grpo":
+                    records.append(r)
+    first = "the model loaded" if cfg.stage == "eval" else "base (before GRPO)"
+    titles = {"base": first, "final": "final (after GRPO)"}
+    page = samples_page(f"nanor1: what the model writes ({cfg.out_dir})",
+                        f"seed {cfg.seed}, stage {cfg.stage}; held-out problems answered greedily, "
+                        f"the first {SHOWN_PER_LEVEL} of each level", shown, titles, records)
+    with atomic_write(os.path.join(cfg.out_dir, "samples.html"), "wb") as f:
+        f.write(page.encode("utf-8"))   # model text may be any Unicode, whatever the locale
+
+
+def _printable(text: str) -> str:
+    """Model text for a terminal: a control character (an escape sequence, a newline) shown as
+    its escape, so that what the model wrote cannot act on the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def problem_line(p) -> str:
+    """--stage sample: the problem, its answer, and whether the model was trained on its kind."""
+    if p.level == OUTSIDE:
+        where = (f"outside the training levels ({', '.join(LEVELS)}): the model was never "
+                 f"trained on a problem like it")
+    else:
+        where = f"level {p.level}, " + ("held out (never trained on)" if is_heldout(p.text) else
+                                        "a training problem (it may have seen it)")
+    return f"{p.prompt} | truth {p.answer} | {where}"
+
+
+def answer_line(i: int, text: str, answer, right: bool, reward: float) -> str:
+    """--stage sample: completion i (0: the greedy one), its parsed answer, right or wrong, its
+    reward."""
+    label = "greedy" if i == 0 else f"sample {i}"
+    return (f"  {label:<9} {'right' if right else 'wrong'}  reward {reward:.2f}  answer "
+            f"{'-' if answer is None else answer:<6} {_printable(text)}")

@@ -6,6 +6,16 @@
 #   bash train.sh --grpo_steps 500       # any nanor1.py flag passes through and overrides the preset
 #   bash train.sh cpu                    # the CPU default instead: python nanor1.py (~11 min, 1.9M params)
 #
+# Across machines: the same command on every node, NODE_RANK 0, 1, ... and MASTER_ADDR an address
+# of node 0 that the others reach (MASTER_PORT a free port there, default 29500):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash train.sh     # on node 0 (10.0.0.1)
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash train.sh     # on node 1
+# Node 0 hosts torchrun's c10d rendezvous at MASTER_ADDR:MASTER_PORT; it waits for all NNODES, then
+# numbers the ranks itself (torchrun ignores --node_rank for that, and warns so on the others):
+# rank 0, which alone writes out-gpu/, is on the node that prints the `nanor1 | ... | world N` line.
+# Every rank reads --init_from, and on --resume out-gpu/ckpt.pt: keep out-gpu/ on a filesystem all
+# nodes share (or copy them there). Without NNODES: one machine, --standalone, as before.
+#
 # What it trains: a DeepSeek-V3-style model of 41M parameters, 12.4M active per token (width 384,
 # 8 layers of which the first is dense, 6 heads, a 128-wide KV latent; 16 routed experts of width
 # 256, top-2, plus 1 shared), pretrained for 4000 steps of 256 rows x 256 tokens (262M tokens),
@@ -42,10 +52,30 @@ PRESET=(
     --out_dir out-gpu
 )
 
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_PORT=${MASTER_PORT:-29500}
+if ! [[ $NNODES =~ ^[1-9][0-9]*$ && $NODE_RANK =~ ^[0-9]+$ && $NODE_RANK -lt $NNODES ]]; then
+    echo "train.sh: NNODES=$NNODES NODE_RANK=$NODE_RANK: need 0 <= NODE_RANK < NNODES" >&2
+    exit 2
+fi
+if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+    echo "train.sh: NNODES=$NNODES needs MASTER_ADDR, an address of node 0 every node reaches" >&2
+    exit 2
+fi
+
 NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count())")}
 if [ "$NPROC" -lt 1 ]; then
     echo "train.sh: no GPU visible to torch (for the CPU run: bash train.sh cpu)" >&2
     exit 1
 fi
-echo "train.sh: torchrun on $NPROC GPU(s): nanor1.py ${PRESET[*]} $*"
-exec torchrun --standalone --nproc_per_node="$NPROC" nanor1.py "${PRESET[@]}" "$@"
+if [ "$NNODES" -eq 1 ]; then    # one machine: torchrun's own rendezvous on a free local port
+    LAUNCH=(--standalone)
+    WHERE="$NPROC GPU(s)"
+else                            # node 0 hosts the rendezvous store at MASTER_ADDR:MASTER_PORT
+    LAUNCH=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --rdzv-backend=c10d
+            --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-conf="is_host=$((NODE_RANK == 0))")
+    WHERE="$NNODES nodes x $NPROC GPU(s) (node $NODE_RANK, rendezvous $MASTER_ADDR:$MASTER_PORT)"
+fi
+echo "train.sh: torchrun on $WHERE: nanor1.py ${PRESET[*]} $*"
+exec torchrun "${LAUNCH[@]}" --nproc_per_node="$NPROC" nanor1.py "${PRESET[@]}" "$@"

@@ -25,13 +25,18 @@ only one-digit facts, so on the harder levels thinking is far more accurate than
 Held-out split: a problem is held out iff a hash of its text falls in a fixed 1/20 bucket.
 Training streams reject such problems and the test set draws only from them, so the two can
 never meet, whatever the seeds.
+
+A problem a person types (`python nanor1.py --stage sample --prompt "(47+85)*3-29"`) is read by
+parse_problem: parsed, never evaluated, and given the level whose shape it has, or OUTSIDE.
 """
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 
 LEVELS = ("add2", "add3", "mul", "multi")
 HELDOUT_BUCKETS = 20   # 1 in 20 problems of each level is reserved for testing
+OUTSIDE = "outside"    # the level of a typed problem that has none of the levels' shapes
 
 
 @dataclass(frozen=True)
@@ -174,3 +179,91 @@ def test_set(n_per_level: int, seed: int = 0, levels=LEVELS) -> dict:
                              f"{n_per_level} were asked for")
         out[level] = probs
     return out
+
+
+# -----------------------------------------------------------------------------
+# Problems typed by a person: untrusted text, parsed by recursive descent, never evaluated.
+#   expr := term (('+' | '-') term)*   term := factor ('*' factor)*   factor := INT | '(' expr ')'
+
+MAX_PROBLEM_CHARS = 1000   # far more than any context holds; keeps every number printable
+MAX_NESTING = 50           # parentheses within parentheses (the parser recurses on each)
+# each level's shape as make_problem writes it: its numbers' digits, without leading zeros
+_D2, _D3 = "([1-9][0-9])", "([1-9][0-9]{2})"
+SHAPES = {"add2": f"{_D2}([+-]){_D2}", "add3": f"{_D3}([+-]){_D3}",
+          "mul": r"([1-9][0-9]{1,2})(\*)([2-9])",
+          "multi": rf"\({_D2}([+-]){_D2}\)(\*)([2-9])([+-]){_D2}"}
+
+
+def parse_problem(text: str) -> Problem:
+    """A problem as a person types it ("(47+85)*3-29", spaces and a final "=" allowed) ->
+    Problem: its value computed by the parser below, its level the one whose shape it has, with
+    every intermediate result >= 0 (as make_problem makes them), else OUTSIDE (more digits,
+    other shapes, a negative answer: no worked solution then). ValueError: not such a problem."""
+    if re.search(r"[0-9]\s+[0-9]", text):
+        raise ValueError("a space between two digits: one number or two?")
+    text = "".join(text.split()).removesuffix("=")
+    if not text:
+        raise ValueError("empty: expected a problem such as (47+85)*3-29")
+    if len(text) > MAX_PROBLEM_CHARS:
+        raise ValueError(f"{len(text)} characters, more than {MAX_PROBLEM_CHARS}")
+    answer = _parse_expression(text)
+    for level, shape in SHAPES.items():
+        m = re.fullmatch(shape, text)
+        if m:
+            n = [int(g) if g[0] in "0123456789" else g for g in m.groups()]
+            try:   # a subtraction below zero raises: that is not a problem of the level
+                solution, result = worked_solution([tuple(n[:3])] + [(None, n[i], n[i + 1])
+                                                                     for i in range(3, len(n), 2)])
+            except ValueError:
+                break
+            assert result == answer, (text, result, answer)   # two ways to the same value
+            return Problem(level, text, answer, solution)
+    return Problem(OUTSIDE, text, answer, "")
+
+
+def _parse_expression(text: str) -> int:
+    """The value of text (no spaces) under the grammar above, or ValueError saying where not."""
+    pos = 0
+
+    def fail(what):
+        found = f"{text[pos]!r} at character {pos + 1}" if pos < len(text) else "the end"
+        raise ValueError(f"expected {what}, found {found}")
+
+    def factor(depth):
+        nonlocal pos
+        if text.startswith("(", pos):
+            if depth >= MAX_NESTING:
+                raise ValueError(f"parentheses nested more than {MAX_NESTING} deep")
+            pos += 1
+            value = expr(depth + 1)
+            if not text.startswith(")", pos):
+                fail("+, -, * or )")
+            pos += 1
+            return value
+        start = pos
+        while pos < len(text) and text[pos] in "0123456789":   # ASCII digits only
+            pos += 1
+        if pos == start:
+            fail("a number or (")
+        return int(text[start:pos])
+
+    def term(depth):
+        nonlocal pos
+        value = factor(depth)
+        while text.startswith("*", pos):
+            pos += 1
+            value *= factor(depth)
+        return value
+
+    def expr(depth):
+        nonlocal pos
+        value = term(depth)
+        while pos < len(text) and text[pos] in "+-":
+            op, pos = text[pos], pos + 1
+            value = value + term(depth) if op == "+" else value - term(depth)
+        return value
+
+    value = expr(0)
+    if pos < len(text):
+        fail("+, -, * or the end")
+    return value

@@ -6,6 +6,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import data
 import nanor1
@@ -440,3 +442,80 @@ def test_think_token_only_in_worked_documents():
     for full, _ in split_rows(cfg, batches, 5):
         docs, end = parse_row(full)
         assert full[:end].count(THINK) == sum("<think>" in d for d in docs)
+
+
+# -----------------------------------------------------------------------------
+# Problems a person types (--stage sample): data.parse_problem reads untrusted text
+
+def test_every_generated_problem_reads_back_as_itself():
+    """A second path to the same Problem: the generator writes it, the parser reads it back, with
+    its level, answer and worked solution; spaces around operators and a final "=" are allowed."""
+    rng = random.Random(7)
+    for level in LEVELS:
+        for _ in range(300):
+            p = make_problem(level, rng)
+            assert data.parse_problem(p.text) == p
+            spaced = re.sub(r"([+\-*()])", r" \1 ", p.text) + " = "
+            assert data.parse_problem(spaced) == p
+
+
+def random_expression(rng, depth=0):
+    """(text, value) of a random expression over + - * and parentheses, its value computed as it
+    is built (a third path, besides the parser under test and evaluate_expr above)."""
+    if depth > 3 or rng.random() < 0.3:
+        n = rng.choice([0, 1, 7, 10, 99, 100, 12345, 10 ** 30])
+        return str(n), n
+    (a, va), (b, vb) = random_expression(rng, depth + 1), random_expression(rng, depth + 1)
+    op = rng.choice("+-*")
+    wrap = lambda t: f"({t})"
+    a, b = wrap(a), wrap(b)   # parenthesised, so the value does not depend on precedence
+    value = va + vb if op == "+" else va - vb if op == "-" else va * vb
+    return a + op + b, value
+
+
+def test_typed_expressions_get_their_true_value():
+    rng = random.Random(3)
+    for _ in range(500):
+        text, value = random_expression(rng)
+        p = data.parse_problem(text)
+        assert p.answer == value == evaluate_expr(text), text
+        assert p.text == text and p.level == data.OUTSIDE   # every operand in parentheses
+    for text, value in (("1+2*3", 7), ("10-4-3", 3), ("2*3*4+1", 25), ("100-(5-3)*2", 96)):
+        assert data.parse_problem(text).answer == value   # precedence and left associativity
+
+
+@pytest.mark.parametrize("text, level", [
+    ("47+85", "add2"), ("99-10", "add2"), ("55-55", "add2"), ("347+285", "add3"), ("10*2", "mul"),
+    ("999*9", "mul"), ("(47+85)*3-29", "multi"), ("(85-47)*3+29", "multi"),
+    # outside what the model was trained on: other digits, other shapes, below zero
+    ("100+5", "outside"), ("5+5", "outside"), ("1234+5678", "outside"), ("347*12", "outside"),
+    ("347*1", "outside"), ("07+85", "outside"), ("12-47", "outside"), ("(12-47)*3+99", "outside"),
+    ("(10+10)*2-99", "outside"), ("(47+85)*3", "outside"), ("1+2+3", "outside"),
+    ("(47+85)*10-29", "outside"), ("((47+85))*3-29", "outside")])
+def test_a_typed_problem_has_the_level_of_its_shape_or_none(text, level):
+    p = data.parse_problem(text)
+    assert p.level == level, (text, p)
+    assert (p.solution != "") == (level != "outside")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "empty"), ("  =", "empty"), ("abc", "expected a number"), ("47+", "found the end"),
+    ("(47+85", "found the end"), ("47+85)", "found ')'"), ("47++85", "found '+'"),
+    ("-5+3", "found '-'"), ("2**3", "found '*'"), ("4 7+85", "space between two digits"),
+    ("٣+1", "found '٣'"), ("47+85=12", "found '='"), ("47/5", "found '/'"),
+    ("eval('1')", "expected a number"), ("<think>1+1", "found '<'"),
+    ("(" * 60 + "1" + ")" * 60, "nested more than"), ("1+" * 600 + "1", "characters, more than")])
+def test_text_that_is_not_a_problem_is_a_value_error_saying_why(text, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        data.parse_problem(text)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(st.text(alphabet="0123456789+-*() =\n<>a٣", max_size=60))
+def test_any_text_is_a_problem_or_a_value_error(text):
+    try:
+        p = data.parse_problem(text)
+    except ValueError:
+        return
+    assert set(p.text) <= set("0123456789+-*()") and p.prompt == p.text + "="
+    assert p.answer == evaluate_expr(p.text)

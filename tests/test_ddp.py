@@ -26,6 +26,7 @@ import torch
 import data
 import moe
 import nanor1
+import plumbing
 from marks import ALL, GRPO, MODEL, needs
 from nanor1 import enc
 
@@ -358,6 +359,104 @@ def test_train_sh_launches_torchrun_with_a_preset_nanor1_accepts(tmp_path, monke
     assert r.returncode == 0 and "--pretrain_steps" in r.stdout, r.stderr
 
 
+def train_sh_launch(tmp_path, **env) -> tuple:
+    """Run train.sh with env set and a stand-in torchrun that records its arguments ->
+    (exit code, stderr, the arguments)."""
+    fake = tmp_path / "torchrun"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path}/args\n')
+    fake.chmod(0o755)
+    path = f"{tmp_path}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}"
+    clean = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR")}
+    (tmp_path / "args").unlink(missing_ok=True)
+    r = subprocess.run(["bash", os.path.join(ROOT, "train.sh")], env={**clean, "PATH": path, **env},
+                       capture_output=True, text=True, timeout=60)
+    args = (tmp_path / "args").read_text().splitlines() if (tmp_path / "args").exists() else []
+    return r.returncode, r.stderr, args
+
+
+def test_train_sh_across_machines_passes_the_nodes_to_torchrun_and_alone_stays_standalone(tmp_path):
+    nodes = dict(NNODES="2", MASTER_ADDR="10.1.2.3", MASTER_PORT="1234", NPROC="4")
+    for rank in (0, 1):
+        code, err, args = train_sh_launch(tmp_path, NODE_RANK=str(rank), **nodes)
+        assert code == 0, err
+        assert args[:7] == ["--nnodes=2", f"--node_rank={rank}", "--rdzv-backend=c10d",
+                            "--rdzv-endpoint=10.1.2.3:1234", f"--rdzv-conf=is_host={int(rank == 0)}",
+                            "--nproc_per_node=4", "nanor1.py"], args
+    code, err, args = train_sh_launch(tmp_path, NPROC="4", MASTER_PORT="1234")   # no NNODES
+    assert code == 0 and args[:3] == ["--standalone", "--nproc_per_node=4", "nanor1.py"], args
+    code, _, nodes_args = train_sh_launch(tmp_path, NPROC="4", NNODES="2", MASTER_ADDR="10.1.2.3")
+    assert code == 0 and "--rdzv-endpoint=10.1.2.3:29500" in nodes_args    # the default port
+    assert args[3:] == nodes_args[nodes_args.index("nanor1.py") + 1:], "the same preset"
+    for env, says in ((dict(NNODES="2", NODE_RANK="2", MASTER_ADDR="h"), "0 <= NODE_RANK < NNODES"),
+                      (dict(NNODES="0"), "0 <= NODE_RANK < NNODES"),
+                      (dict(NNODES="two", MASTER_ADDR="h"), "0 <= NODE_RANK < NNODES"),
+                      (dict(NNODES="2", NODE_RANK="1"), "needs MASTER_ADDR")):
+        code, err, args = train_sh_launch(tmp_path, NPROC="4", **env)
+        assert code == 2 and not args and err.count("\n") == 1 and says in err, (env, err)
+
+
+def test_the_resume_hint_of_a_run_across_machines_is_no_single_machine_launch(monkeypatch):
+    monkeypatch.setattr(plumbing, "_RUN", {"argv": ["--dim", "384", "--resume"]})
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert plumbing.resume_command().startswith("torchrun --standalone --nproc_per_node=8 ")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")                  # 2 nodes x 4 processes
+    hint = plumbing.resume_command()
+    assert "--standalone" not in hint and "2 nodes" in hint and hint.endswith("--dim 384 --resume")
+
+
+# -----------------------------------------------------------------------------
+# Two machines, played by two torchrun launches on this one (127.0.0.1), one CPU process each
+
+NODE_FLAGS = ["--stage", "pretrain", "--dim", "32", "--inter_dim", "64", "--moe_inter_dim", "32",
+              "--n_layers", "2", "--n_heads", "2", "--kv_lora_rank", "16", "--qk_nope_head_dim", "8",
+              "--qk_rope_head_dim", "8", "--v_head_dim", "8", "--n_routed_experts", "4",
+              "--n_activated_experts", "2", "--pretrain_steps", "4",
+              "--batch_size", "8", "--grad_accum", "2", "--log_every", "2", "--eval_every", "0",
+              "--n_test", "1", "--max_new_tokens", "8", "--device", "cpu", "--threads", "1"]
+
+
+@needs(*MODEL, "mla_absorb", "rewards")   # pretraining, then main's evaluations of the base
+def test_two_nodes_launched_by_train_sh_end_with_the_weights_of_one_process(tmp_path):
+    """train.sh's launch flags for node 0 and node 1 (recorded by a stand-in torchrun), run by
+    the real torchrun, nanor1.py and a tiny pretraining instead of the GPU preset: the two nodes
+    (2 ranks x 1 micro-step) must end with the weights of 1 process x 2 micro-steps."""
+    port = free_port()
+    launch = []
+    for node in (0, 1):
+        code, err, args = train_sh_launch(tmp_path, NNODES="2", NODE_RANK=str(node), NPROC="1",
+                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        assert code == 0, err
+        launch.append(args[:args.index("nanor1.py")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = [open(tmp_path / f"node{n}.log", "w+") for n in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launch[n],
+                               os.path.join(ROOT, "nanor1.py"), "--out_dir", str(tmp_path / "two"),
+                               *NODE_FLAGS], cwd=ROOT, env=env, stdout=logs[n],
+                              stderr=subprocess.STDOUT) for n in (0, 1)]
+    deadline = time.time() + TIMEOUT
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    out = []
+    for log in logs:
+        log.seek(0)
+        out.append(log.read())
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in out)
+    # one group of 2 ranks: exactly one node holds rank 0 and prints, and it says world 2
+    heads = [[line for line in o.splitlines() if line.startswith("nanor1 | ")] for o in out]
+    assert sorted(len(h) for h in heads) == [0, 1] and "| world 2 |" in sum(heads, [])[0], heads
+    one = tmp_path / "one"
+    nanor1.main(["--out_dir", str(one), *NODE_FLAGS])
+    two = torch.load(tmp_path / "two" / "base.pt", weights_only=True)["model"]
+    single = torch.load(one / "base.pt", weights_only=True)["model"]
+    assert_close_states(two, single, what="2 nodes vs 1 process: ")
+    assert any(v.abs().max() > 0 for k, v in single.items() if k.endswith("gate.bias"))
+
+
 # -----------------------------------------------------------------------------
 # The whole pipeline under torchrun
 
@@ -385,7 +484,8 @@ def test_the_pipeline_under_torchrun_writes_its_outputs_once(tmp_path):
     for prefix, n in (("pretrain ", 2), ("grpo ", 2), ("  held-out (greedy, 2/level):", 2), ("held-out (", 5)):
         assert sum(line.startswith(prefix) for line in lines) == n, (prefix, r.stdout)
     files = set(os.listdir(tmp_path))
-    assert {"base.pt", "final.pt", "metrics.jsonl", "nanor1.png", "summary.json"} <= files, files
+    outputs = {"base.pt", "final.pt", "metrics.jsonl", "nanor1.png", "samples.html", "summary.json"}
+    assert outputs <= files, files
     assert not [f for f in files if f.startswith(".") or "tmp" in f or "rank" in f], files   # no leftovers
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [(r["stage"], r["step"]) for r in recs] == [("pretrain", 3), ("pretrain", 6), ("grpo", 1), ("grpo", 2)]
