@@ -3,20 +3,19 @@ nanor1: DeepSeek-R1-Zero in miniature. A tiny DeepSeek-V3 (MLA + DeepSeekMoE, se
 pretrained from scratch on arithmetic, then trained with GRPO on verifiable rewards until it
 learns, by itself, to think step by step before it answers.
 
-    python nanor1.py                         # everything, on a 2-core CPU (11-14 min)
-    python nanor1.py --stage grpo            # one stage alone, from out/base.pt
-    python nanor1.py --stage eval --init_from out/final.pt
+    python nanor1.py                         # everything, on a 2-core CPU (~3 min)
+    python nanor1.py --stage grpo            # one stage alone, from out/base.pt (eval: final.pt)
     python nanor1.py ... --resume            # continue a killed or stopped run (same flags)
-    python nanor1.py --stage r1              # the R1 recipe from out/base.pt (~6 min)
-    python nanor1.py --stage distill         # a 4x smaller student, RL vs distilled (~6 min)
+    python nanor1.py --stage r1              # the R1 recipe from out/base.pt
+    python nanor1.py --stage distill         # a 4x smaller student, RL vs distilled
     python nanor1.py --stage sample --prompt "(47+85)*3-29"   # ask out/final.pt a problem
     python nanor1.py --stage export          # out/final.pt -> out/hf/, a HF DeepSeek-V3 checkpoint
-    torchrun --standalone --nproc_per_node=8 nanor1.py --dim 256 ...   # GPUs (see train.sh)
+    bash train.sh                            # GPUs: a larger preset under torchrun
     python nanor1.py --help                  # every setting, with its default
 
 In the order things run: config, tokenizer, pretraining, rewards, rollouts, evaluation, the GRPO
 math, the GRPO trainer, the R1 recipe, distillation, main(). The machinery (flags, torchrun,
-checkpoints, resume, progress) is in plumbing.py, the plots and tables in report.py.
+checkpoints, resume, progress, export) is in plumbing.py, the plots, tables and pages in report.py.
 
 Where nanor1 departs from DeepSeek-R1-Zero, and why:
   1. The task is arithmetic, generated in code, not competition math: answers are checkable by a
@@ -28,7 +27,8 @@ Where nanor1 departs from DeepSeek-R1-Zero, and why:
      use for instructions. The format reward asks for the same <think>/<answer> shape.
   4. Rewards are rule-based as in R1-Zero (accuracy + format); GRPO as in DeepSeekMath, with the
      Dr. GRPO and DAPO variants as flags (--scale_by_std, --agg, --clip_high, --drop_zero_std).
-  5. Everything is tiny: ~1.9M parameters (1.0M active), groups of 8, 40 RL steps.
+  5. Everything is tiny (~1M parameters, groups of 8, a few dozen RL steps), and pretraining uses
+     Muon (Moonlight's recipe) where V3 used AdamW: the same result in a fraction of the steps.
   6. DeepSeek-R1's multi-stage recipe (--stage r1) and distillation (--stage distill) are here in
      miniature, simplified as said in their section.
 """
@@ -47,17 +47,17 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from data import is_heldout, subset, test_set, training_problems
+from data import is_heldout, subset, test_set, training_problems, worked_solutions
 from moe import KVCache, ModelConfig, Transformer
 import report
-from plumbing import (RECIPE_STAGES, Optimizers, Progress, accum_steps, all_reduce_sum, autocast,
-                      clipped_step, checkpoint_or_stop, grpo_rank_shares, install_signal_handlers,
-                      is_ddp, level_weights, load_base_model, load_stage_model, log_metrics,
-                      pack_rows, pad_left, peak_flops, prepare_out_dir, print0, rank_and_world,
+from plumbing import (MODEL_STAGES, RECIPE_STAGES, Optimizers, Progress, accum_steps,
+                      all_reduce_sum, autocast, checkpoint_or_stop, clipped_step, export_hf,
+                      grpo_rank_shares, install_signal_handlers, is_ddp, level_weights,
+                      load_base_model, load_stage_model, log_metrics, pack_rows, pad_left,
+                      peak_flops, prepare_out_dir, print0, rank_and_world, read_problems,
                       read_resume_checkpoint, read_sft_data, remember_resume_flags,
                       restore_optimizer, save_checkpoint, setup, stage_cfg, start_metrics,
-                      teardown, training_loop, wrap_ddp, write_jsonl)
-from plumbing import MODEL_STAGES, export_hf, read_problems
+                      student_config, teardown, training_loop, wrap_ddp, write_jsonl)
 from plumbing import parse_args as parse_flags
 from report import levels_line
 
@@ -130,7 +130,7 @@ class Config:
     r1_grpo_steps: int = 50     # GRPO steps in each of --stage r1's two RL stages
     student_dim: int = 64       # the student's width (all its widths are the teacher's x dim ratio)
     student_layers: int = 0     # the student's layers (0 = as many as the teacher)
-    student_pretrain_steps: int = 1800  # the student's pretraining steps, on the teacher's corpus
+    student_pretrain_steps: int = 0  # the student's pretraining steps (0 = --pretrain_steps)
     student_grpo_steps: int = 0  # GRPO steps of the RL-only student (0 = those in the SFT's time)
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -230,10 +230,8 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
     """Pretrain model in place; resume: a checkpoint of this stage to continue from (see main)."""
     accum, total = accum_steps(cfg, world), cfg.pretrain_steps
     rows = cfg.batch_size // (accum * world)          # rows per micro-step on this rank
-    # one seed per step and micro-batch of the global batch, rank r taking micro-batches r*accum...:
-    # the data depend on the seed, the step and the number of micro-batches, not on how they are
-    # spread over ranks (2 ranks x 1 micro-step train on exactly what 1 rank x 2 micro-steps trains
-    # on), nor on earlier steps (a resumed run trains on exactly what an uninterrupted one would)
+    # a seed per step and micro-batch of the global batch (rank r takes r*accum...): the same data
+    # on any number of ranks, and a resumed run trains on what an uninterrupted one would
     def batch(step, micro):
         seed = f"{cfg.seed}-pretrain-{step}-{rank * accum + micro}"
         return next(pretrain_batches(cfg, random.Random(seed), rows))
@@ -268,9 +266,7 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
                 report.log_pretrain_step(cfg, progress, step + 1, losses, lr, loads, device, world)
                 losses = []
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-                res = evaluate(model, subset(tests, 32), cfg, device)
-                print0("  held-out (greedy, 32/level): " + levels_line(res))
-                res = evaluate(model, subset(tests, 32), cfg, device, force="think")
+                res = evaluate(model, subset(tests, 32), cfg, device, force="think")   # the skill
                 print0("  held-out (greedy, 32/level, forced to think): " + levels_line(res))
             checkpoint_or_stop(cfg, model, opt, "pretrain", step + 1, total,
                                cfg.ckpt_every, rank, device)
@@ -318,11 +314,6 @@ def format_reward(completion: str) -> float:
 # Rollouts: batched sampling with the absorbed MLA cache (DeepSeek-V2 sec 2.1.3: only c_KV and
 # k_R are cached per token)
 
-def left_pad(prompts: list, device):
-    """-> tokens (B, P) left-padded with end-of-text, key_mask (B, P) False on the padding."""
-    return pad_left(prompts, EOT, device)
-
-
 def sample(probs: torch.Tensor, generator=None) -> torch.Tensor:
     """One token per row of probs (B, V): the first whose cumulative probability exceeds u * total,
     with u uniform in [0, 1). Exact, and one random number per row where torch.multinomial draws
@@ -343,7 +334,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature
     EOT), mask (B, L) (1 up to and including the first EOT), truncated (B,) (no EOT at all)."""
     device, was_training = model.embed.weight.device, model.training
     model.eval()                                  # inference: no router loads, no balance loss
-    tokens, key_mask = left_pad(prompts, device)
+    tokens, key_mask = pad_left(prompts, EOT, device)    # left-padded, key_mask False on padding
     B, P = tokens.shape
     cache = KVCache(model.cfg, B, P + max_new_tokens, attn_impl="absorb", device=device)
     out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=device)
@@ -524,7 +515,7 @@ def policy_update(cfg: Config, model, ddp, ref, opt, prompts: list, comps, comp_
     """GRPO's update: mu steps of the clipped objective with the k3 KL to pi_ref, on the kept
     completions (all unless drop_zero_std) -> (stats: loss, kl, clip_frac, entropy; loads)."""
     ctx = autocast(cfg, device)
-    prompt_tok, prompt_mask = left_pad(prompts, device)                 # prompt, then completion
+    prompt_tok, prompt_mask = pad_left(prompts, EOT, device)            # prompt, then completion
     tokens = torch.cat([prompt_tok, comps], 1)
     key_mask = torch.cat([prompt_mask, torch.ones_like(comp_mask)], 1)
     rows, share_rows, share_tok = grpo_rank_shares(keep, comp_mask, device, world)
@@ -628,13 +619,6 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
 # R1's readability filters; stage 4 keeps the rule-based reward (no reward models). These stages
 # run in one process, do not resume, write into out_dir/<stage>/ and merge into summary.json.
 
-def worked_solutions(n: int, seed) -> list:
-    """Cold-start data: n training problems with their worked solutions, written exactly as the
-    pretraining corpus writes them, as {level, problem, answer, prompt, completion} records."""
-    problems = draw_problems(random.Random(f"{seed}-cold-start"), n)
-    return [p.record(p.document(think=True).removeprefix(p.prompt)) for p in problems]
-
-
 def sft_batch(examples: list):
     """(prompt tokens, completion tokens) pairs -> x, y (B, T): prompt + completion, right-padded
     with EOT (causal: it changes nothing before it); y[t] is the next token where it is part of the
@@ -735,11 +719,6 @@ def rejection_sample(cfg: Config, model: Transformer, problems: list, k: int, de
     return kept
 
 
-def fresh_problems(cfg: Config, name: str) -> list:
-    """rs_prompts training problems from a stream of their own, seeded by (seed, name)."""
-    return draw_problems(random.Random(f"{cfg.seed}-{name}"), cfg.rs_prompts)
-
-
 def finish_stage(cfg: Config, name: str, seconds: float, model, tests: dict, device,
                  save: bool = True, **extra):
     """Save the stage's model as cfg.out_dir/model.pt, measure it on the held-out set -> its
@@ -769,8 +748,9 @@ def run_rejection(cfg: Config, device, tests: dict):
     from --init_from (default out_dir/final.pt) -> out_dir/rejection/traces.jsonl (--sft_data)."""
     model, _ = load_stage_model(cfg, device, "final.pt")
     sub, t0 = stage_cfg(cfg, "rejection"), time.time()
-    traces = rejection_sample(cfg, model, fresh_problems(cfg, "rejection"), cfg.rs_samples, device,
-                              cfg.seed, os.path.join(sub.out_dir, "traces.jsonl"))
+    problems = draw_problems(random.Random(f"{cfg.seed}-rejection"), cfg.rs_prompts)   # fresh ones
+    traces = rejection_sample(cfg, model, problems, cfg.rs_samples, device, cfg.seed,
+                              os.path.join(sub.out_dir, "traces.jsonl"))
     return [finish_stage(sub, "rejection", time.time() - t0, model, tests, device, save=False,
                          samples=cfg.rs_prompts * cfg.rs_samples, kept=len(traces))], {}
 
@@ -796,8 +776,9 @@ def run_r1(cfg: Config, device, tests: dict):
     rl("reasoning_rl", model)
     # 3) rejection sampling from the RL model; SFT of the base on the traces (R1 fine-tunes V3-Base)
     sub, t0 = stage_cfg(cfg, "r1", "rejection_sft"), time.time()
-    traces = rejection_sample(cfg, model, fresh_problems(cfg, "r1-rejection"), cfg.rs_samples,
-                              device, cfg.seed, os.path.join(sub.out_dir, "traces.jsonl"))
+    problems = draw_problems(random.Random(f"{cfg.seed}-r1-rejection"), cfg.rs_prompts)
+    traces = rejection_sample(cfg, model, problems, cfg.rs_samples, device, cfg.seed,
+                              os.path.join(sub.out_dir, "traces.jsonl"))
     model = copy.deepcopy(base)
     fine_tune(sub, model, traces, device, "rejection_sft")
     stages.append(finish_stage(sub, "rejection_sft", time.time() - t0, model, tests, device,
@@ -810,20 +791,6 @@ def run_r1(cfg: Config, device, tests: dict):
 # Distillation (DeepSeek-R1 sec 2.4 and 4.1): small models fine-tuned on the strong model's
 # rejection-sampled traces, with SFT alone, beat the same small models trained with RL.
 
-def student_config(teacher: ModelConfig, dim: int, n_layers: int = 0) -> ModelConfig:
-    """The teacher's architecture at width dim: every width (FFNs, experts, MLA latent and head
-    dims) scaled by dim / teacher.dim, so the parameters shrink about as its square (dim 64 of
-    128: about a quarter); heads, experts and routing are kept. n_layers 0 keeps the depth."""
-    t, s, layers = teacher, dim / teacher.dim, n_layers or teacher.n_layers
-    w = lambda x: max(1, round(x * s))
-    return dataclasses.replace(
-        t, dim=dim, inter_dim=w(t.inter_dim), moe_inter_dim=w(t.moe_inter_dim),
-        q_lora_rank=round(t.q_lora_rank * s), kv_lora_rank=w(t.kv_lora_rank),
-        qk_nope_head_dim=w(t.qk_nope_head_dim), v_head_dim=w(t.v_head_dim),
-        qk_rope_head_dim=2 * max(1, round(t.qk_rope_head_dim * s / 2)),           # even
-        n_layers=layers, n_dense_layers=min(t.n_dense_layers, layers))
-
-
 def run_distill(cfg: Config, device, tests: dict):
     """--stage distill, R1 sec 4.1 in miniature: a small student, from its own pretrained base,
     (a) trained with GRPO for as long as (b), fine-tuning it on the teacher's rejection-sampled
@@ -835,13 +802,14 @@ def run_distill(cfg: Config, device, tests: dict):
     print0(f"student: {report.params(base)}, teacher {teacher.num_params() / 1e6:.2f}M")
     stages = []
     # the student's base: pretrain() on the teacher's corpus, for student_pretrain_steps
-    sub = stage_cfg(cfg, "distill", "student_base", pretrain_steps=cfg.student_pretrain_steps)
+    sub = stage_cfg(cfg, "distill", "student_base",
+                    pretrain_steps=cfg.student_pretrain_steps or cfg.pretrain_steps)
     t0 = time.time()
     pretrain(sub, base, device, 0, 1, tests)
     stages.append(finish_stage(sub, "student_pretrain", time.time() - t0, base, tests, device))
     # (b) distillation: the teacher's traces for fresh training problems, then SFT of the student
     sub, t0 = stage_cfg(cfg, "distill", "teacher_traces"), time.time()
-    problems = fresh_problems(cfg, "distill-rejection")
+    problems = draw_problems(random.Random(f"{cfg.seed}-distill-rejection"), cfg.rs_prompts)
     traces = rejection_sample(cfg, teacher, problems, cfg.rs_samples, device, cfg.seed,
                               os.path.join(sub.out_dir, "traces.jsonl"))
     t_traces = time.time() - t0

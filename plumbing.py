@@ -942,3 +942,20 @@ def _cpu_matmul_peak(threads: int) -> float:
 def mfu(flops_per_token: float, tokens_per_second: float, world: int, peak) -> str:
     """Model FLOP utilisation of one rank, as text ("unknown" without a peak)."""
     return f"{100 * flops_per_token * tokens_per_second / world / peak:.0f}%" if peak else "unknown"
+
+
+# -----------------------------------------------------------------------------
+# Distillation's student
+
+def student_config(teacher: ModelConfig, dim: int, n_layers: int = 0) -> ModelConfig:
+    """The teacher's architecture at width dim: every width (FFNs, experts, MLA latent and head
+    dims) scaled by dim / teacher.dim, so the parameters shrink about as its square (dim 64 of
+    128: about a quarter); heads, experts and routing are kept. n_layers 0 keeps the depth."""
+    t, s, layers = teacher, dim / teacher.dim, n_layers or teacher.n_layers
+    w = lambda x: max(1, round(x * s))
+    return dataclasses.replace(
+        t, dim=dim, inter_dim=w(t.inter_dim), moe_inter_dim=w(t.moe_inter_dim),
+        q_lora_rank=round(t.q_lora_rank * s), kv_lora_rank=w(t.kv_lora_rank),
+        qk_nope_head_dim=w(t.qk_nope_head_dim), v_head_dim=w(t.v_head_dim),
+        qk_rope_head_dim=2 * max(1, round(t.qk_rope_head_dim * s / 2)),           # even
+        n_layers=layers, n_dense_layers=min(t.n_dense_layers, layers))

@@ -157,6 +157,15 @@ def training_problems(rng: random.Random, levels=LEVELS, weights=None):
             yield p
 
 
+def worked_solutions(n: int, seed) -> list:
+    """Cold-start data (the R1 recipe): n training problems with their worked solutions, written
+    exactly as the pretraining corpus writes them, as {level, problem, answer, prompt, completion}
+    records."""
+    problems = training_problems(random.Random(f"{seed}-cold-start"))
+    return [p.record(p.document(think=True).removeprefix(p.prompt))
+            for p in (next(problems) for _ in range(n))]
+
+
 def subset(tests: dict, n: int) -> dict:
     """The first n problems of each level of a test set."""
     return {lvl: ps[:n] for lvl, ps in tests.items()}

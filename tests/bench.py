@@ -47,7 +47,7 @@ import nanor1  # noqa: E402
 import plumbing  # noqa: E402
 from data import training_problems  # noqa: E402
 from moe import MLP, KVCache, MoE, Transformer  # noqa: E402
-from nanor1 import EOT, Config, enc, generate, left_pad, make_optimizer, pretrain_batches, prompt_tokens  # noqa: E402
+from nanor1 import EOT, Config, enc, generate, make_optimizer, pad_left, pretrain_batches, prompt_tokens  # noqa: E402
 
 CPU = torch.device("cpu")
 SECTIONS = ("peak", "train", "decode", "grpo")
@@ -360,7 +360,7 @@ def bench_decode(a, res):
     model = nanor1_model(a.init_from).eval()
     problems = training_problems(random.Random(1))
     prompts = [prompt_tokens(next(problems)) for _ in range(a.decode_batch)]
-    tokens, key_mask = left_pad(prompts, CPU)
+    tokens, key_mask = pad_left(prompts, EOT, CPU)
     B, P = tokens.shape
     gen = torch.Generator().manual_seed(0)
 

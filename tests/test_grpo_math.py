@@ -399,7 +399,7 @@ def test_sequence_logprobs_are_the_predictions_of_the_completion_tokens():
     for i, end in enumerate([1, 3, 5, None, 0, 2, None, 4]):   # an end-of-text, then end-of-text padding
         if end is not None:
             comps[i, end:] = EOT
-    prompt_tok, prompt_mask = nanor1.left_pad(prompts, "cpu")
+    prompt_tok, prompt_mask = nanor1.pad_left(prompts, EOT, "cpu")
     P = prompt_tok.size(1)
     tokens = torch.cat([prompt_tok, comps], 1)
     key_mask = torch.cat([prompt_mask, torch.ones_like(comps, dtype=torch.bool)], 1)
