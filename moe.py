@@ -35,7 +35,7 @@ class ModelConfig:
     dim: int = 128                  # model width d
     inter_dim: int = 512            # hidden width of the dense SwiGLU layers
     moe_inter_dim: int = 128        # hidden width of each routed (and shared) expert
-    n_layers: int = 4
+    n_layers: int = 3
     n_dense_layers: int = 1         # the first layers use a dense FFN instead of MoE
     n_heads: int = 4
     # MoE

@@ -81,26 +81,26 @@ class Config:
     num_samples: int = 4  # --stage sample: completions sampled per problem, besides the greedy one
     # data
     think_frac: float = 0.4         # share of pretraining documents written as worked solutions
-    level_weights: str = "1,1,1,2"  # pretraining mix of add2,add3,mul,multi (multi is hardest)
+    level_weights: str = "1,1,2,2"  # pretraining mix of add2,add3,mul,multi (the hard ones x2)
     n_test: int = 200               # held-out problems per level
     # pretraining
-    pretrain_steps: int = 1800
+    pretrain_steps: int = 600
     batch_size: int = 32    # rows per step (global, across ranks and accumulation)
     block_size: int = 128   # tokens per row, packed with whole documents
     grad_accum: int = 1     # micro-steps per step (divided among ranks)
-    lr: float = 3e-3
+    lr: float = 6e-3
     min_lr_frac: float = 0.1  # the lr decays to lr * min_lr_frac...
     decay_frac: float = 0.5   # ...by a cosine over this last share of the steps (before: constant)
-    warmup_steps: int = 100
+    warmup_steps: int = 40
     weight_decay: float = 0.1  # on matrices only
     optimizer: str = "muon"    # muon (hidden matrices; AdamW for the rest) | adamw
     grad_clip: float = 1.0
     log_every: int = 100
-    eval_every: int = 500   # quick held-out eval during pretraining (0 = never)
+    eval_every: int = 150   # quick held-out eval during pretraining (0 = never)
     ckpt_every: int = 250   # write out_dir/ckpt.pt every N pretraining steps (and at the end)
     # GRPO
-    grpo_steps: int = 40
-    prompts_per_step: int = 16  # global, across ranks
+    grpo_steps: int = 30
+    prompts_per_step: int = 8   # global, across ranks
     group_size: int = 8         # G completions per prompt
     max_new_tokens: int = 128
     temperature: float = 1.0

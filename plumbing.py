@@ -809,7 +809,10 @@ class Optimizers:
 
     def __init__(self, *opts):
         self.opts = opts
-        self.param_groups = [g for o in opts for g in o.param_groups]
+
+    @property
+    def param_groups(self) -> list:   # read anew: load_state_dict replaces the groups' dicts
+        return [g for o in self.opts for g in o.param_groups]
 
     def step(self):
         for o in self.opts:

@@ -281,6 +281,7 @@ def test_lr_schedule_is_linear_warmup_then_constant_then_cosine(warmup, total, m
     assert max(got) == pytest.approx(base)
 
 
+@pytest.mark.rmsnorm_rope
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     """make_optimizer(muon=True): torch.optim.Muon gets exactly the 2-D weights inside the blocks
     (attention, dense FFN, routed and shared experts), AdamW the embedding, the head, the norms and
@@ -329,6 +330,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     torch.testing.assert_close(steps[0], steps[1], rtol=0, atol=0.02 * size)
 
 
+@pytest.mark.rmsnorm_rope
 def test_a_checkpoint_of_muon_and_adamw_restores_both(tmp_path):
     """The two optimizers save and load as one state dict (plumbing.Optimizers): after a restore,
     the next step of a fresh optimizer equals the next step of the original, for both halves.

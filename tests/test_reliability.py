@@ -163,7 +163,7 @@ def write_resume_dir(d, args, **extra):
 
 
 @pytest.mark.parametrize("change,named", [
-    (["--lr", "0.001"], ["--lr 0.003 there, 0.001 now"]),
+    (["--lr", "0.001"], ["--lr 0.006 there, 0.001 now"]),
     (["--dim", "48", "--seed", "7"], ["--dim 32 there, 48 now", "--seed 1337 there, 7 now"]),
     (["--stage", "grpo"], ["--stage grpo", "resume with --stage all or pretrain"]),
 ])
