@@ -721,8 +721,7 @@ def rejection_sample(cfg: Config, model: Transformer, problems: list, k: int, de
 
 def finish_stage(cfg: Config, name: str, seconds: float, model, tests: dict, device,
                  save: bool = True, **extra):
-    """Save the stage's model as cfg.out_dir/model.pt, measure it on the held-out set -> its
-    record for the summary (wall seconds: the stage's work, this evaluation not counted)."""
+    """Save the stage's model (cfg.out_dir/model.pt), measure it -> its summary record."""
     if save:
         save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), model, cfg, stage=name)
     return report.stage_record(cfg, name, seconds, evaluate(model, tests, cfg, device), **extra)

@@ -4,7 +4,7 @@
 #   bash train.sh                        # the GPU preset below, torchrun on all visible GPUs
 #   NPROC=4 bash train.sh                # on 4 of them
 #   bash train.sh --grpo_steps 500       # any nanor1.py flag passes through and overrides the preset
-#   bash train.sh cpu                    # the CPU default instead: python nanor1.py (~11 min, 1.9M params)
+#   bash train.sh cpu                    # the CPU default instead: python nanor1.py (~3.5 min, 1.4M params)
 #
 # Across machines: the same command on every node, NODE_RANK 0, 1, ... and MASTER_ADDR an address
 # of node 0 that the others reach (MASTER_PORT a free port there, default 29500):
@@ -20,9 +20,13 @@
 # 8 layers of which the first is dense, 6 heads, a 128-wide KV latent; 16 routed experts of width
 # 256, top-2, plus 1 shared), pretrained for 4000 steps of 256 rows x 256 tokens (262M tokens),
 # then 300 GRPO steps of 64 prompts x 16 completions of up to 160 tokens (1024 sequences in one
-# update, whose activations should fit one 80 GB GPU by our estimate; 2048 might not). The global batches stay the same on
-# any number of GPUs that divides 256 and 64 (1, 2, 4, 8, 16): the ranks split them.
+# update, whose activations should fit one 80 GB GPU by our estimate; 2048 might not). The global
+# batches stay the same on any number of GPUs that divides 256 and 64 (1, 2, 4, 8, 16): the ranks
+# split them.
 # Outputs land in out-gpu/ (base.pt, final.pt, metrics.jsonl, summary.json, nanor1.png).
+# Optimizer and schedule are the CPU default's (docs/speedrun.md): Muon for the hidden matrices
+# and AdamW for the rest, warmup, constant, then a cosine over the last half; the lr is half the
+# CPU one, as it was under AdamW (1.5e-3 vs 3e-3). Not yet measured on a GPU.
 #
 # How long: ESTIMATES from FLOP counts, not measurements. Training costs 86 MFLOP per token
 # (forward + backward, Transformer.flops_per_token): 2.3e16 FLOP for pretraining and about 0.6e16 for
@@ -45,7 +49,7 @@ PRESET=(
     --dim 384 --inter_dim 1536 --moe_inter_dim 256 --n_layers 8 --n_dense_layers 1 --n_heads 6
     --n_routed_experts 16 --n_shared_experts 1 --n_activated_experts 2
     --kv_lora_rank 128 --qk_nope_head_dim 64 --qk_rope_head_dim 32 --v_head_dim 64
-    --pretrain_steps 4000 --batch_size 256 --block_size 256 --lr 1.5e-3 --warmup_steps 200
+    --pretrain_steps 4000 --batch_size 256 --block_size 256 --lr 3e-3 --warmup_steps 200
     --log_every 100 --eval_every 1000 --ckpt_every 500
     --grpo_steps 300 --prompts_per_step 64 --group_size 16 --max_new_tokens 160 --grpo_lr 5e-5
     --grpo_eval_every 50 --grpo_eval_n 100 --grpo_ckpt_every 50 --n_test 500 --eval_batch 1024
