@@ -3,7 +3,7 @@ nanor1: DeepSeek-R1-Zero in miniature. A tiny DeepSeek-V3 (MLA + DeepSeekMoE, se
 pretrained from scratch on arithmetic, then trained with GRPO on verifiable rewards until it
 learns, by itself, to think step by step before it answers.
 
-    python nanor1.py                         # everything, on a 2-core CPU (~3 min)
+    python nanor1.py                         # everything, on a 2-core CPU (~5 min)
     python nanor1.py --stage grpo            # one stage alone, from out/base.pt (eval: final.pt)
     python nanor1.py ... --resume            # continue a killed or stopped run (same flags)
     python nanor1.py --stage r1              # the R1 recipe from out/base.pt
@@ -27,8 +27,8 @@ Where nanor1 departs from DeepSeek-R1-Zero, and why:
      use for instructions. The format reward asks for the same <think>/<answer> shape.
   4. Rewards are rule-based as in R1-Zero (accuracy + format); GRPO as in DeepSeekMath, with the
      Dr. GRPO and DAPO variants as flags (--scale_by_std, --agg, --clip_high, --drop_zero_std).
-  5. Everything is tiny (~1M parameters, groups of 8, a few dozen RL steps), and pretraining uses
-     Muon (Moonlight's recipe) where V3 used AdamW: the same result in a fraction of the steps.
+  5. Everything is tiny (~1.4M parameters, groups of 8, 40 RL steps), and pretraining uses Muon
+     (as Moonlight does) where V3 used AdamW: the same skill in far fewer steps.
   6. DeepSeek-R1's multi-stage recipe (--stage r1) and distillation (--stage distill) are here in
      miniature, simplified as said in their section.
 """
@@ -84,7 +84,7 @@ class Config:
     level_weights: str = "1,1,2,2"  # pretraining mix of add2,add3,mul,multi (the hard ones x2)
     n_test: int = 200               # held-out problems per level
     # pretraining
-    pretrain_steps: int = 600
+    pretrain_steps: int = 800
     batch_size: int = 32    # rows per step (global, across ranks and accumulation)
     block_size: int = 128   # tokens per row, packed with whole documents
     grad_accum: int = 1     # micro-steps per step (divided among ranks)
@@ -96,10 +96,10 @@ class Config:
     optimizer: str = "muon"    # muon (hidden matrices; AdamW for the rest) | adamw
     grad_clip: float = 1.0
     log_every: int = 100
-    eval_every: int = 150   # quick held-out eval during pretraining (0 = never)
+    eval_every: int = 200   # quick held-out eval during pretraining (0 = never)
     ckpt_every: int = 250   # write out_dir/ckpt.pt every N pretraining steps (and at the end)
     # GRPO
-    grpo_steps: int = 30
+    grpo_steps: int = 40
     prompts_per_step: int = 8   # global, across ranks
     group_size: int = 8         # G completions per prompt
     max_new_tokens: int = 128
