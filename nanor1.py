@@ -56,7 +56,7 @@ from plumbing import (MODEL_STAGES, RECIPE_STAGES, Optimizers, Progress, accum_s
                       load_base_model, load_stage_model, log_metrics, pack_rows, pad_left,
                       peak_flops, prepare_out_dir, print0, rank_and_world, read_problems,
                       read_resume_checkpoint, read_sft_data, remember_resume_flags,
-                      restore_optimizer, save_checkpoint, setup, stage_cfg, start_metrics,
+                      restore_optimizer, sample, save_checkpoint, setup, stage_cfg, start_metrics,
                       student_config, teardown, training_loop, wrap_ddp, write_jsonl)
 from plumbing import parse_args as parse_flags
 from report import levels_line
@@ -312,20 +312,7 @@ def format_reward(completion: str) -> float:
 
 # -----------------------------------------------------------------------------
 # Rollouts: batched sampling with the absorbed MLA cache (DeepSeek-V2 sec 2.1.3: only c_KV and
-# k_R are cached per token)
-
-def sample(probs: torch.Tensor, generator=None) -> torch.Tensor:
-    """One token per row of probs (B, V): the first whose cumulative probability exceeds u * total,
-    with u uniform in [0, 1). Exact, and one random number per row where torch.multinomial draws
-    V of them (the largest cost of a decoding step after the model itself on a CPU)."""
-    cdf = probs.double().cumsum(-1)                                     # fp64: u * total < total
-    if not torch.isfinite(cdf[:, -1]).all():
-        raise SystemExit("error: cannot sample: the model's probabilities are NaN or infinite "
-                         "(non-finite weights?)")
-    u = torch.rand(probs.size(0), 1, dtype=torch.float64, device=probs.device, generator=generator)
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return idx.clamp_(max=probs.size(-1) - 1).squeeze(1)
-
+# k_R are cached per token); the token sampler, plumbing.sample, is exact inverse-CDF sampling
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature: float = 1.0,

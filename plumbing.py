@@ -322,6 +322,25 @@ def pack_rows(docs, queue: list, rows: int, block_size: int, eot: int):
     return torch.tensor(xs), torch.tensor(ys)
 
 
+# -----------------------------------------------------------------------------
+# Sampling a token (the rollouts' sampler, nanor1.generate)
+
+def sample(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One token per row of probs (B, V): the first whose cumulative probability exceeds u * total,
+    with u uniform in [0, 1). Exact, and one random number per row where torch.multinomial draws
+    V of them (the largest cost of a decoding step after the model itself on a CPU)."""
+    cdf = probs.double().cumsum(-1)                                     # fp64: u * total < total
+    if not torch.isfinite(cdf[:, -1]).all():
+        raise SystemExit("error: cannot sample: the model's probabilities are NaN or infinite "
+                         "(non-finite weights?)")
+    u = torch.rand(probs.size(0), 1, dtype=torch.float64, device=probs.device, generator=generator)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return idx.clamp_(max=probs.size(-1) - 1).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# Across ranks
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum t over the ranks in place (a world of one: t as it is).
 
