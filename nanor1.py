@@ -214,7 +214,8 @@ def make_optimizer(model, lr, weight_decay, device, muon: bool = False):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in params if muon and p.dim() == 2 and n.startswith("layers.")
               and ".gate." not in n]
-    decay = [p for n, p in params if p.dim() >= 2 and not any(p is h for h in hidden)]
+    muon_ids = {id(p) for p in hidden}
+    decay = [p for n, p in params if p.dim() >= 2 and id(p) not in muon_ids]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,

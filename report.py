@@ -204,12 +204,24 @@ def merge_summary(cfg, pipeline: str, stages: list, **extra):
     write_json(path, summary)
 
 
+def read_metrics(cfg) -> list:
+    """The records of out_dir/metrics.jsonl (none if there is no file), skipping a line a kill cut
+    short: what the plots and samples.html are drawn from."""
+    path, records = os.path.join(cfg.out_dir, "metrics.jsonl"), []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                r = json.loads(line)
+                if isinstance(r, dict) and "stage" in r:
+                    records.append(r)
+    return records
+
+
 def make_plots(cfg, base: dict, final: dict):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    recs = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    recs = read_metrics(cfg)
     pre = [r for r in recs if r["stage"] == "pretrain"]
     rl = [r for r in recs if r["stage"] == "grpo"]
     ev = [r for r in rl if "heldout" in r]
@@ -419,14 +431,7 @@ def samples_page(title: str, subtitle: str, shown: dict, titles: dict, records: 
 def write_samples_page(cfg, shown: dict):
     """out_dir/samples.html, from shown (evaluate's records of the base and the final model) and
     the GRPO records in out_dir/metrics.jsonl (so a resumed run's page has every step)."""
-    path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    records = []
-    with contextlib.suppress(FileNotFoundError), open(path) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):   # a line a kill cut short
-                r = json.loads(line)
-                if isinstance(r, dict) and r.get("stage") == "grpo":
-                    records.append(r)
+    records = [r for r in read_metrics(cfg) if r["stage"] == "grpo"]
     first = "the model loaded" if cfg.stage == "eval" else "base (before GRPO)"
     titles = {"base": first, "final": "final (after GRPO)"}
     page = samples_page(f"nanor1: what the model writes ({cfg.out_dir})",
