@@ -47,7 +47,8 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from data import is_heldout, subset, test_set, training_problems, worked_solutions
+from data import (LEVELS, is_heldout, reflective_solution, subset, test_set, training_problems,
+                  worked_solutions)
 from moe import KVCache, ModelConfig, Transformer
 import report
 from plumbing import (MODEL_STAGES, RECIPE_STAGES, Optimizers, Progress, accum_steps,
@@ -56,8 +57,9 @@ from plumbing import (MODEL_STAGES, RECIPE_STAGES, Optimizers, Progress, accum_s
                       load_base_model, load_stage_model, log_metrics, pack_rows, pad_left,
                       peak_flops, prepare_out_dir, print0, rank_and_world, read_problems,
                       read_resume_checkpoint, read_sft_data, remember_resume_flags,
-                      restore_optimizer, sample, save_checkpoint, setup, stage_cfg, start_metrics,
-                      student_config, teardown, training_loop, wrap_ddp, write_jsonl)
+                      restore_optimizer, run_levels, sample, save_checkpoint, setup, sft_rows,
+                      stage_cfg, start_metrics, student_config, teardown, training_loop, wrap_ddp,
+                      write_jsonl)
 from plumbing import parse_args as parse_flags
 from report import levels_line
 
@@ -82,6 +84,10 @@ class Config:
     # data
     think_frac: float = 0.4         # share of pretraining documents written as worked solutions
     level_weights: str = "1,1,2,2"  # pretraining mix of add2,add3,mul,multi (the hard ones x2)
+    edge_weight: float = 0.0        # weight of the edge level mul2 (> 0: pretrained, tested, RL'd)
+    verify_frac: float = 0.0        # share of worked solutions that check a result (data.arith)
+    retry_frac: float = 0.0         # share that write a column wrong, then " wait " and redo it
+    aha: bool = False               # the aha-moment flag set, Config.AHA (flags given still win)
     n_test: int = 200               # held-out problems per level
     # pretraining
     pretrain_steps: int = 800
@@ -135,6 +141,12 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
+# --aha: the edge level, reflective worked solutions in pretraining (rows long enough for them),
+# longer RL. The reward is R1-Zero's: nothing pays for reflection itself (docs/aha.md).
+Config.AHA = dict(edge_weight=0.5, verify_frac=0.15, retry_frac=0.15, block_size=256, batch_size=16,
+                  max_new_tokens=256, grpo_steps=60)
+
+
 def parse_args(argv=None) -> Config:
     """Flags -> Config; a bad flag or value ends with one line on stderr and exit code 2."""
     return parse_flags(Config, argv)
@@ -167,9 +179,9 @@ def prompt_tokens(p) -> list:
     return [EOT] + encode(p if isinstance(p, str) else p.prompt)
 
 
-def draw_problems(rng: random.Random, n: int) -> list:
-    """n training problems (never a held-out one) from a stream seeded by rng."""
-    problems = training_problems(rng)
+def draw_problems(rng: random.Random, n: int, levels=LEVELS) -> list:
+    """n training problems (never a held-out one) of levels, from a stream seeded by rng."""
+    problems = training_problems(rng, levels)
     return [next(problems) for _ in range(n)]
 
 
@@ -179,11 +191,17 @@ def draw_problems(rng: random.Random, n: int) -> list:
 
 def pretrain_documents(cfg: Config, rng: random.Random):
     """Endless documents (token lists) ending in end-of-text, to learn to stop: a problem (levels
-    mixed by --level_weights) with its answer, or its worked solution (probability think_frac)."""
-    problems = training_problems(rng, weights=level_weights(cfg))
+    mixed by --level_weights) with its answer, or its worked solution (probability think_frac),
+    a share of those reflective (--verify_frac, --retry_frac) where they fit a row."""
+    problems, reflect = training_problems(rng, *run_levels(cfg)), cfg.verify_frac + cfg.retry_frac
     while True:
         p = next(problems)
-        yield encode(p.document(think=rng.random() < cfg.think_frac)) + [EOT]
+        doc = encode(p.document(think := rng.random() < cfg.think_frac)) + [EOT]
+        if think and reflect and rng.random() < reflect:
+            form = "verify" if rng.random() * reflect < cfg.verify_frac else "retry"
+            reflective = encode(p.document(True, reflective_solution(p.ops, form, rng))) + [EOT]
+            doc = reflective if len(reflective) <= cfg.block_size else doc
+        yield doc
 
 
 def pretrain_batches(cfg: Config, rng: random.Random, rows: int):
@@ -370,14 +388,15 @@ def completion_text(tokens: torch.Tensor) -> str:
 @torch.no_grad()
 def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed: int = 0,
              force: str = "", shown: list = None) -> dict:
-    """-> {level and "overall": {accuracy, think_rate, mean_length, format}}, sharded over ranks.
+    """-> {level and "overall": {accuracy, think_rate, mean_length, format, reflection (data/
+    reflect.py)}}, sharded over ranks.
     force="think" or "answer" starts every completion with that tag: the accuracy the model would
     have if it always thought, or always answered directly. shown: a list that gets this rank's
     completions, as records (for out_dir/samples.html)."""
     forced = {"": [], "think": [THINK], "answer": [ANSWER]}[force]
     rank, world = rank_and_world()
     items = [(li, p) for li, lvl in enumerate(tests) for p in tests[lvl]][rank::world]
-    sums = torch.zeros(len(tests), 5, dtype=torch.float64)   # n, correct, think, length, format
+    sums = torch.zeros(len(tests), 5 + len(report.COUNT_FIELDS), dtype=torch.float64)
     gen = torch.Generator(device=device).manual_seed(seed + rank)
     for i in range(0, len(items), cfg.eval_batch):
         chunk = items[i:i + cfg.eval_batch]
@@ -389,8 +408,8 @@ def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed:
         for (li, p), comp, n in zip(chunk, comps, lengths):
             text = enc.decode(forced) + completion_text(comp)   # the forced tag is its own
             acc, fmt = accuracy_reward(text, p.answer), format_reward(text)
-            sums[li] += torch.tensor([1, acc, text.startswith("<think>"), n, fmt],
-                                     dtype=torch.float64)
+            sums[li] += torch.tensor([1, acc, text.startswith("<think>"), n, fmt]   # then its
+                                     + report.reflection_counts(text), dtype=torch.float64)
             if shown is not None:
                 shown.append(dict(p.record(text), right=acc == 1.0, well_formed=fmt == 1.0))
     return report.level_rates(all_reduce_sum(sums.to(device)).cpu(), list(tests))
@@ -553,7 +572,7 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
             # it is now. They depend on (seed, step, rank) alone: a resumed run draws the same
             t0 = time.time()
             rng = random.Random(f"{cfg.seed}-grpo-{step}-{rank}")
-            problems = [p for p in draw_problems(rng, n_prompts) for _ in range(G)]
+            problems = [p for p in draw_problems(rng, n_prompts, list(tests)) for _ in range(G)]
             gen.manual_seed(rng.getrandbits(63))
             prompts = [prompt_tokens(p) for p in problems]
             model.eval()   # pi_old: its samples and log-probs count no router loads
@@ -581,6 +600,7 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
             t_upd = time.time() - t0
             rec = report.grpo_record(step + 1, rewards, acc, fmt, lengths, texts, zero_std,
                                      truncated, stats, loads, t_gen, t_upd, device, world)
+            rec["reflection"] = report.sampled_reflection(problems, texts, list(tests), device)
             last = step + 1 == total or progress.out_of_time()
             progress.line(step + 1, report.grpo_fields(rec), last=last)
             if (cfg.grpo_eval_every and (step + 1) % cfg.grpo_eval_every == 0) or last:
@@ -606,20 +626,6 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
 # CoTs refined by people); stage 3 keeps reasoning data only, filtered by the R1-Zero rewards, not
 # R1's readability filters; stage 4 keeps the rule-based reward (no reward models). These stages
 # run in one process, do not resume, write into out_dir/<stage>/ and merge into summary.json.
-
-def sft_batch(examples: list):
-    """(prompt tokens, completion tokens) pairs -> x, y (B, T): prompt + completion, right-padded
-    with EOT (causal: it changes nothing before it); y[t] is the next token where it is part of the
-    completion, its final EOT included (to learn to stop), -1 elsewhere (the prompt is context)."""
-    T = max(len(p) + len(c) for p, c in examples) - 1
-    x = torch.full((len(examples), T), EOT, dtype=torch.long)
-    y = torch.full((len(examples), T), -1, dtype=torch.long)
-    for i, (p, c) in enumerate(examples):
-        seq = torch.tensor(p + c)
-        x[i, :len(seq) - 1] = seq[:-1]
-        y[i, len(p) - 1:len(seq) - 1] = seq[len(p):]                     # targets of the completion
-    return x, y
-
 
 def sft_loss(model, x, y, autocast_ctx):
     """Mean cross-entropy over the completion tokens of the batch (targets -1 are skipped), and
@@ -653,7 +659,7 @@ def sft(cfg: Config, model: Transformer, examples: list, steps: int, lr: float, 
             order += perm
         batch, order = [examples[i] for i in order[:cfg.sft_batch]], order[cfg.sft_batch:]
         lr_now = lr_at(step, steps, schedule, lr)
-        x, y = (t.to(device) for t in sft_batch(batch))
+        x, y = (t.to(device) for t in sft_rows(batch, EOT))   # completion tokens are targets
         loss, aux = sft_loss(model, x, y, ctx)
         (loss + aux).backward()
         clipped_step(cfg, model, opt, lr_now, loss.item(), name, step + 1, steps, "--sft_lr")
@@ -839,7 +845,7 @@ def main(argv=None):
     resume_grpo = resume if resume is not None and resume["stage"] == "grpo" else None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    tests = test_set(cfg.n_test)
+    tests = test_set(cfg.n_test, levels=run_levels(cfg)[0])
     wall, t0 = {}, time.time()
     if cfg.stage in RECIPE_STAGES:   # the rest of the R1 recipe, in one process (see validate)
         print0(f"nanor1 | stage {cfg.stage} | device {device} | seed {cfg.seed} | "
@@ -872,6 +878,10 @@ def main(argv=None):
               for f in ("think", "answer")}
     print0("held-out (greedy, 100/level) forced to think:    " + levels_line(forced["think"]))
     print0("held-out (greedy, 100/level) forced to answer:   " + levels_line(forced["answer"]))
+    # reflection shows in sampled worked solutions (greedy ones follow the plain form): measured so,
+    # before and after GRPO, by data/reflect.py
+    reflection = {"base": evaluate(model, subset(tests, 100), cfg, device, False, cfg.seed,
+                                   "think")}
 
     # 3) GRPO from the base, with the base frozen as the KL reference; then the result
     final = None
@@ -886,9 +896,11 @@ def main(argv=None):
                             step=cfg.grpo_steps)
         final = evaluate(model, tests, cfg, device, shown=shown["final"])
         print0(f"held-out (greedy, {cfg.n_test}/level) after GRPO:  " + levels_line(final))
+        reflection["final"] = evaluate(model, subset(tests, 100), cfg, device, False, cfg.seed,
+                                       "think")
     wall["total"] = time.time() - t0
     if rank == 0:
-        report.finish_r1_zero(cfg, wall, base, sampled, forced, final, shown)
+        report.finish_r1_zero(cfg, wall, base, sampled, forced, final, shown, reflection)
     teardown()
 
 

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from data import LEVELS, parse_problem
+from data import EDGE_LEVEL, LEVELS, parse_problem
 from moe import ModelConfig, Transformer
 
 RECIPE_STAGES = ("sft", "rejection", "distill", "r1")   # the rest of the R1 recipe (see nanor1.py)
@@ -85,6 +85,9 @@ def parse_args(config_cls, argv=None):
             g.add_argument(f"--{f.name}", **flag, default=default, help=helps.get(f.name, f.name),
                            metavar=type(default).__name__.upper())
     a = vars(p.parse_args(argv))
+    if a.get("aha"):   # a preset: its values become the defaults, flags given still win
+        p.set_defaults(**config_cls.AHA)
+        a = vars(p.parse_args(argv))
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
         cfg = config_cls(**{k: v for k, v in a.items() if k not in model_keys},
@@ -105,6 +108,15 @@ def level_weights(cfg) -> list:
         raise ValueError(f"--level_weights={cfg.level_weights!r}: must be {len(LEVELS)} comma-"
                          f"separated numbers >= 0, not all 0 (one per level: {','.join(LEVELS)})")
     return w
+
+
+def run_levels(cfg) -> tuple:
+    """The levels a run trains and tests on, and their pretraining weights: R1-Zero's four, and the
+    edge level after them when --edge_weight > 0."""
+    levels, weights = list(LEVELS), level_weights(cfg)
+    if cfg.edge_weight > 0:
+        levels, weights = levels + [EDGE_LEVEL], weights + [cfg.edge_weight]
+    return levels, weights
 
 
 def validate_model(m: ModelConfig):
@@ -166,6 +178,11 @@ def validate(cfg):
     need(cfg.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
     need(0.0 <= cfg.think_frac <= 1.0, "think_frac", "must be in [0, 1]")
     level_weights(cfg)
+    need(cfg.edge_weight >= 0 and math.isfinite(cfg.edge_weight), "edge_weight", "must be >= 0")
+    for name in ("verify_frac", "retry_frac"):
+        need(0.0 <= getattr(cfg, name) <= 1.0, name, "must be in [0, 1]")
+    need(cfg.verify_frac + cfg.retry_frac <= 1.0, "retry_frac",
+         f"plus --verify_frac={cfg.verify_frac} must be <= 1 (shares of the worked solutions)")
     for name in POSITIVE:
         need(getattr(cfg, name) > 0, name, "must be > 0")
     for name in NON_NEGATIVE:
@@ -295,6 +312,21 @@ def pad_left(seqs: list, pad: int, device):
         tokens[i, P - len(s):] = torch.tensor(s)
         mask[i, P - len(s):] = True
     return tokens.to(device), mask.to(device)
+
+
+def sft_rows(examples: list, pad: int):
+    """SFT's batch: (prompt tokens, completion tokens) pairs -> x, y (B, T): prompt + completion,
+    right-padded with pad (causal: it changes nothing before it); y[t] is the next token where it
+    is part of the completion, its final end-of-text included (to learn to stop), -1 elsewhere
+    (the prompt is context)."""
+    T = max(len(p) + len(c) for p, c in examples) - 1
+    x = torch.full((len(examples), T), pad, dtype=torch.long)
+    y = torch.full((len(examples), T), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(examples):
+        seq = torch.tensor(p + c)
+        x[i, :len(seq) - 1] = seq[:-1]
+        y[i, len(p) - 1:len(seq) - 1] = seq[len(p):]                     # targets of the completion
+    return x, y
 
 
 def pack_rows(docs, queue: list, rows: int, block_size: int, eot: int):

@@ -11,7 +11,8 @@ import re
 
 import torch
 
-from data import LEVELS, OUTSIDE, is_heldout
+from data import EDGE_LEVEL, LEVELS, OUTSIDE, is_heldout
+from data.reflect import COUNT_FIELDS, RATE_FIELDS, completion_counts, reflection_rates
 from plumbing import all_reduce_sum, atomic_write, fmt_time, log_metrics, mfu, print0, write_json
 
 
@@ -21,21 +22,67 @@ def levels_line(res: dict) -> str:
         f" | think {res['overall']['think_rate']:.2f} | len {res['overall']['mean_length']:.1f}"
 
 
+def reflection_counts(text: str) -> list:
+    """One completion's reflection counts (data/reflect.py), in COUNT_FIELDS order."""
+    counts = completion_counts(text)
+    return [counts[f] for f in COUNT_FIELDS]
+
+
+def _overall_rows(levels: list) -> list:
+    """The rows that "overall" sums: R1-Zero's four levels (the edge level is reported on its own),
+    or all of them when none of the four is there."""
+    rows = [i for i, lvl in enumerate(levels) if lvl in LEVELS]
+    return rows or list(range(len(levels)))
+
+
 def level_rates(sums: torch.Tensor, levels: list) -> dict:
-    """sums (levels, 5): n, correct, think, length, format per level -> {level and "overall":
-    {accuracy, think_rate, mean_length, format}}."""
+    """sums (levels, 5 + COUNT_FIELDS): n, correct, think, length, format, then the reflection
+    counts, per level -> {level, "overall" (R1-Zero's levels), then the edge level: {accuracy,
+    think_rate, mean_length, format, reflection: {RATE_FIELDS}}}."""
     def rates(s):
         n = max(s[0].item(), 1)
         return {"accuracy": s[1].item() / n, "think_rate": s[2].item() / n,
-                "mean_length": s[3].item() / n, "format": s[4].item() / n}
-    res = {lvl: rates(sums[li]) for li, lvl in enumerate(levels)}
-    res["overall"] = rates(sums.sum(0))
+                "mean_length": s[3].item() / n, "format": s[4].item() / n,
+                "reflection": reflection_rates(dict(zip(COUNT_FIELDS, s[5:].long().tolist())))}
+    rows = _overall_rows(levels)
+    res = {levels[i]: rates(sums[i]) for i in rows}
+    res["overall"] = rates(sums[rows].sum(0))
+    res.update({lvl: rates(sums[i]) for i, lvl in enumerate(levels) if i not in rows})
     return res
 
 
 def levels_summary(res: dict) -> dict:
     return {k: {"accuracy": v["accuracy"], "think_rate": v["think_rate"],
                 "mean_length": v["mean_length"]} for k, v in res.items()}
+
+
+def sampled_reflection(problems: list, texts: list, levels: list, device) -> dict:
+    """Reflection in a GRPO step's sampled completions, per level and overall, over all ranks."""
+    sums = torch.zeros(len(levels), 5 + len(COUNT_FIELDS), dtype=torch.float64)
+    for p, text in zip(problems, texts):
+        sums[levels.index(p.level), 5:] += torch.tensor(reflection_counts(text),
+                                                        dtype=torch.float64)
+    sums[:, 0] = 1   # level_rates' n: unused here
+    res = level_rates(all_reduce_sum(sums.to(device)).cpu(), levels)
+    return {k: v["reflection"] for k, v in res.items()}
+
+
+def reflection_table(before: dict, after: dict) -> str:
+    """Per level, the base and the final model forced to think: accuracy, length, then the
+    reflection rates as data/reflect.py defines them ("-": no cases)."""
+    short = {"reflect_rate": "reflect", "catch_rate": "catch", "false_alarm_rate": "false-alarm",
+             "fix_rate": "fix", "verdict_acc": "verdict", "keyword_rate": "keyword"}
+    lines = [f"{'level':<8} {'model':<5} {'acc':>5} {'len':>6} "
+             + " ".join(f"{short[f]:>11}" for f in RATE_FIELDS)]
+    for k in before:
+        for name, res in (("base", before), ("final", after)):
+            if res and k in res:
+                r = res[k]["reflection"]
+                lines.append(f"{k:<8} {name:<5} {res[k]['accuracy']:5.2f} "
+                             f"{res[k]['mean_length']:6.1f} " + " ".join(
+                                 f"{'-' if r[f] is None else format(r[f], '.2f'):>11}"
+                                 for f in RATE_FIELDS))
+    return "\n".join(lines)
 
 
 def params(model) -> str:
@@ -46,7 +93,10 @@ def params(model) -> str:
 def pretrain_banner(cfg, model) -> str:
     return (f"pretraining: {params(model)}, {cfg.pretrain_steps} steps x "
             f"{cfg.batch_size * cfg.block_size} tokens, think_frac {cfg.think_frac}, "
-            f"levels {cfg.level_weights} ({','.join(LEVELS)})")
+            f"levels {cfg.level_weights} ({','.join(LEVELS)})"
+            + (f", edge level {EDGE_LEVEL} x{cfg.edge_weight:g}" if cfg.edge_weight else "")
+            + (f", reflective: verify {cfg.verify_frac:g} retry {cfg.retry_frac:g}"
+               if cfg.verify_frac or cfg.retry_frac else ""))
 
 
 def log_pretrain_step(cfg, progress, step: int, losses: list, lr: float, loads, device, world):
@@ -160,19 +210,30 @@ def stages_table(stages: list) -> str:
 
 
 def finish_r1_zero(cfg, wall: dict, base: dict, sampled: dict, forced: dict, final,
-                   shown: dict = None):
-    """Rank 0 at the end of an R1-Zero run: out_dir/summary.json, the plots, the table, and
-    samples.html (shown: the base's and the final model's held-out completions, see evaluate)."""
+                   shown: dict = None, reflection: dict = None):
+    """Rank 0 at the end of an R1-Zero run: out_dir/summary.json, the plots, the tables, and
+    samples.html (shown: the base's and the final model's held-out completions, see evaluate;
+    reflection: {"base", "final"}: their evaluations sampled and forced to think)."""
+    reflection = reflection or {}
     summary = {"seed": cfg.seed, "wall_seconds": wall, "base": levels_summary(base),
                "base_sampled": levels_summary(sampled),
                "base_forced_think": levels_summary(forced["think"]),
                "base_forced_answer": levels_summary(forced["answer"])}
     if final:
         summary["final"] = levels_summary(final)
+    # within worked solutions: the base and the final model, forced to think and sampled, alike
+    summary["reflection"] = {m: {k: dict(v["reflection"], accuracy=v["accuracy"],
+                                         mean_length=v["mean_length"]) for k, v in res.items()}
+                             for m, res in reflection.items()}
+    summary["reflection"]["decoding"] = f"sampled T={cfg.temperature}, forced to think, 100/level"
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     make_plots(cfg, base, final)
     write_samples_page(cfg, shown or {})
     print0("\n" + summary_table(base, final or {}))
+    if reflection:
+        print0(f"\nreflection within worked solutions (sampled T={cfg.temperature}, forced to "
+               f"think, 100/level; data/reflect.py):\n"
+               + reflection_table(reflection["base"], reflection.get("final")))
     print0("\nwall time: " + ", ".join(f"{k} {fmt_time(v)}" for k, v in wall.items()) +
            f" | wrote {cfg.out_dir}/summary.json, {cfg.out_dir}/nanor1.png, "
            f"{cfg.out_dir}/samples.html")
@@ -217,6 +278,34 @@ def read_metrics(cfg) -> list:
     return records
 
 
+def reflection_panels(samples_ax, heldout_ax, rl: list, ev: list, base: dict, smooth):
+    """The aha-moment panels: within worked solutions, how often the model reflects, catches its
+    own wrong claims, flags right ones and fixes what it flags, over GRPO steps (samples, with
+    their mean length; then greedy held-out, the base's at step 0), on the edge level if the
+    run has one, else overall."""
+    level = next((k for k in base if k not in LEVELS and k != "overall"), "overall")
+    names = {"reflect_rate": "reflect", "catch_rate": "catch", "false_alarm_rate": "false alarm",
+             "fix_rate": "fix", "verdict_acc": "verdict acc"}
+    steps = [r["step"] for r in rl]
+    samples_ax.plot(steps, smooth([r["length"] for r in rl]), color="C3", label="mean length")
+    samples_ax.set(title=f"aha: reflection in sampled worked solutions ({level})",
+                   xlabel="GRPO step", ylabel="tokens (all levels)")
+    samples_ax.legend(loc="upper left")
+    tw = samples_ax.twinx()
+    ev_steps, ev_res = [0] + [r["step"] for r in ev], [base] + [r["heldout"] for r in ev]
+    for field, name in names.items():
+        ys = [r.get("reflection", {}).get(level, {}).get(field) for r in rl]
+        tw.plot(steps, [float("nan") if y is None else y for y in ys], label=name, lw=1)
+        ys = [r[level].get("reflection", {}).get(field) for r in ev_res]
+        heldout_ax.plot(ev_steps, [float("nan") if y is None else y for y in ys], "o-",
+                        label=name)
+    tw.set(ylabel="rate", ylim=(0, 1.05))
+    tw.legend(loc="lower right", fontsize=8)
+    heldout_ax.set(title=f"aha: reflection, held-out greedy ({level})", xlabel="GRPO step",
+                   ylabel="rate", ylim=(0, 1.05))
+    heldout_ax.legend(fontsize=8)
+
+
 def make_plots(cfg, base: dict, final: dict):
     import matplotlib
     matplotlib.use("Agg")
@@ -225,8 +314,9 @@ def make_plots(cfg, base: dict, final: dict):
     pre = [r for r in recs if r["stage"] == "pretrain"]
     rl = [r for r in recs if r["stage"] == "grpo"]
     ev = [r for r in rl if "heldout" in r]
-    fig, ax = plt.subplots(2, 3, figsize=(16, 8.5))
-    ax = ax.flatten()
+    fig, grid = plt.subplots(2, 4, figsize=(21, 8.5))
+    ax = [grid[0, 0], grid[0, 1], grid[0, 2], grid[1, 0], grid[1, 1], grid[1, 2], grid[0, 3],
+          grid[1, 3]]
     if pre:
         ax[0].plot([r["step"] for r in pre], [r["loss"] for r in pre])
         ax[0].set(title="pretraining loss", xlabel="step", ylabel="cross-entropy (nats/token)",
@@ -265,6 +355,7 @@ def make_plots(cfg, base: dict, final: dict):
         tw.set(ylabel="share of answers that think", ylim=(0, 1.05))
         ax[5].legend(loc="upper left")
         tw.legend(loc="lower right")
+        reflection_panels(ax[6], ax[7], rl, ev, base, smooth)
     lv = [k for k in base if k != "overall"] + ["overall"]
     xs = range(len(lv))
     ax[3].bar([x - 0.2 for x in xs], [base[k]["accuracy"] for k in lv], 0.4,

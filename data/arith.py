@@ -6,6 +6,10 @@ Levels (easiest first):
     add3   3-digit addition or subtraction           347+285, 702-158
     mul    2- or 3-digit number times one digit      347*6
     multi  a multi-step expression                   (47+85)*3-29
+    mul2   2-digit times 2-digit (the edge level)    47*85
+
+The first four are R1-Zero's levels ("overall" means them). mul2 is at the edge of the tiny
+model's competence, where checking and retrying can pay (--edge_weight; the aha-moment runs).
 
 Subtractions never go below zero, so every answer is a non-negative integer.
 
@@ -18,6 +22,17 @@ operation per step, each starting from the previous result:
     702-158:12-8=4,10-5-1=4,7-1-1=5>544        (a top digit +10 when it borrows; -1 pays a borrow)
     347*6:7*6=42,4*6+4=28,3*6+2=20>2082
     (47+85)*3-29 -> 47+85:7+5=12,4+8+1=13>132 132*3:2*3=6,3*3=9,1*3=3>396 396-29:16-9=7,9-2-1=6,3-0=3>367
+    47*85 -> 47*5:7*5=35,4*5+3=23>235 47*8:7*8=56,4*8+5=37>376 3760+235:0+5=5,6+3=9,7+2=9,3+0=3>3995
+
+A reflective worked solution (a minority of the corpus, --verify_frac and --retry_frac) adds one
+reflection to the plain one (reflective_solution below; data/reflect.py judges them in the model's
+own completions):
+
+    retry   347+285:7+5=12,4+8+1=14 wait 4+8+1=13,3+2+1=6>632
+    verify  347+285:7+5=12,4+8+1=13,3+2+1=6>632 check 632-285:12-5=7,13-8-1=4,6-2-1=3>347 ok
+            347+285:7+5=12,4+8+1=14,3+2+1=6>642 check 642-285:12-5=7,14-8-1=5,6-2-1=3>357 no wait
+            347+285:7+5=12,4+8+1=13,3+2+1=6>632     (one line; the check of A+B is R-B, of A-B
+            R+B, both should give A; of A*B the recomputation)
 
 Answering directly needs the whole computation in one forward pass; the worked solution needs
 only one-digit facts, so on the harder levels thinking is far more accurate than answering.
@@ -32,9 +47,11 @@ parse_problem: parsed, never evaluated, and given the level whose shape it has, 
 import hashlib
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-LEVELS = ("add2", "add3", "mul", "multi")
+LEVELS = ("add2", "add3", "mul", "multi")   # R1-Zero's levels
+EDGE_LEVEL = "mul2"                          # at the edge of competence: reported on its own
+ALL_LEVELS = LEVELS + (EDGE_LEVEL,)
 HELDOUT_BUCKETS = 20   # 1 in 20 problems of each level is reserved for testing
 OUTSIDE = "outside"    # the level of a typed problem that has none of the levels' shapes
 
@@ -45,6 +62,7 @@ class Problem:
     text: str        # "(47+85)*3-29"
     answer: int
     solution: str    # the worked solution, without tags
+    ops: tuple = field(default=(), compare=False, repr=False)   # its operations: ((a, op, b), ...)
 
     @property
     def prompt(self) -> str:
@@ -56,9 +74,10 @@ class Problem:
         return dict(level=self.level, problem=self.text, answer=self.answer, prompt=self.prompt,
                     completion=completion)
 
-    def document(self, think: bool) -> str:
-        """One pretraining document: direct answer, or worked solution then answer."""
-        head = f"{self.prompt}<think>{self.solution}</think>" if think else self.prompt
+    def document(self, think: bool, solution: str = "") -> str:
+        """One pretraining document: direct answer, or worked solution (by default the plain one)
+        then answer."""
+        head = f"{self.prompt}<think>{solution or self.solution}</think>" if think else self.prompt
         return f"{head}<answer>{self.answer}</answer>"
 
 
@@ -110,13 +129,93 @@ def operation_solution(a: int, op: str, b: int) -> tuple:
     return f"{a}{op}{b}:{','.join(steps)}>{result}", result
 
 
-def worked_solution(ops: list) -> tuple:
-    """ops: [(a, op, b), (None, op, c), ...]; None means "the previous result"."""
-    parts, prev = [], None
+def resolve(ops: list) -> list:
+    """ops: [(a, op, b), (None, op, c), ...], None meaning "the previous result" -> the same with
+    every operand a number."""
+    out, prev = [], None
     for a, op, b in ops:
-        text, prev = operation_solution(prev if a is None else a, op, b)
-        parts.append(text)
-    return " ".join(parts), prev
+        a = prev if a is None else a
+        out.append((a, op, b))
+        prev = column_steps(a, op, b)[1]
+    return out
+
+
+def worked_solution(ops: list) -> tuple:
+    """ops as for resolve -> (the worked solution, the final result)."""
+    parts = [operation_solution(a, op, b) for a, op, b in resolve(ops)]
+    return " ".join(text for text, _ in parts), parts[-1][1]
+
+
+def mul2_ops(a: int, b: int) -> list:
+    """a*b for a two-digit b, as school does it: a times each digit of b, then the partial products
+    added, the tens' one shifted by a 0: 47*85 -> 47*5, 47*8, 3760+235."""
+    low, high = a * (b % 10), a * (b // 10)
+    return [(a, "*", b % 10), (a, "*", b // 10), (high * 10, "+", low)]
+
+
+# -----------------------------------------------------------------------------
+# Reflective worked solutions: the plain one with one retry or one check in it (see the top).
+# Everything in them is true arithmetic except the one error put in on purpose, which the
+# reflection then catches.
+
+def _wrong_column(step: str, op: str, rng: random.Random) -> tuple:
+    """A column step with a wrong value that keeps the step's carry -> (text, value): only the
+    digit it writes changes ("4+8+1=13" -> "4+8+1=17"), so the columns after it stay right."""
+    lhs, v = step.rsplit("=", 1)
+    v = int(v)
+    wrong = rng.choice([d for d in range(10) if d != v] if op == "-" else
+                       [v // 10 * 10 + d for d in range(10) if d != v % 10])
+    return f"{lhs}={wrong}", wrong
+
+
+def _written_result(op: str, values: list) -> int:
+    """The number that column values write (least significant first): each column's last digit;
+    the last column of + and * whole, since it holds the final carry."""
+    if op == "-":
+        return sum(v * 10 ** i for i, v in enumerate(values))
+    return sum(v % 10 * 10 ** i for i, v in enumerate(values[:-1])) + \
+        values[-1] * 10 ** (len(values) - 1)
+
+
+def _check(a: int, op: str, b: int, r: int) -> str:
+    """The check of the claim a op b = r: the inverse operation for + and - (r-b or r+b, which
+    should give a), the recomputation for *; then the verdict."""
+    x, cop, y, expect = (r, "-", b, a) if op == "+" else (r, "+", b, a) if op == "-" else \
+        (a, "*", b, r)
+    text, got = operation_solution(x, cop, y)
+    return f" check {text} {'ok' if got == expect else 'no'}"
+
+
+def reflective_solution(ops: list, form: str, rng: random.Random) -> str:
+    """The worked solution of ops with one reflection in one operation (chosen at random):
+    retry: one column written wrong, then " wait " and the column redone right;
+    verify: the operation's result checked ("ok"); half the time one of its columns is written
+    wrong first, so its result is wrong, the check says "no", and " wait " redoes the operation."""
+    ops = resolve(ops)
+    k = rng.randrange(len(ops))
+    a, op, b = ops[k]
+    steps, result = column_steps(a, op, b)
+    values = [int(s.rsplit("=", 1)[1]) for s in steps]
+    plain = f"{a}{op}{b}:{','.join(steps)}>{result}"
+    i = rng.randrange(len(steps))
+    if form == "retry":
+        bad, _ = _wrong_column(steps[i], op, rng)
+        steps = steps[:i] + [f"{bad} wait {steps[i]}"] + steps[i + 1:]
+        text = f"{a}{op}{b}:{','.join(steps)}>{result}"
+    elif form == "verify" and rng.random() < 0.5:
+        bad, v = _wrong_column(steps[i], op, rng)
+        wrong = _written_result(op, values[:i] + [v] + values[i + 1:])
+        if op == "+" and wrong < b:     # the check r-b needs r >= b: check the right one instead
+            text = plain + _check(a, op, b, result)
+        else:
+            text = (f"{a}{op}{b}:{','.join(steps[:i] + [bad] + steps[i + 1:])}>{wrong}"
+                    + _check(a, op, b, wrong) + " wait " + plain)
+    elif form == "verify":
+        text = plain + _check(a, op, b, result)
+    else:
+        raise ValueError(f"unknown reflection form {form!r}; forms are verify, retry")
+    parts = [operation_solution(*o)[0] for o in ops]
+    return " ".join(parts[:k] + [text] + parts[k + 1:])
 
 
 def make_problem(level: str, rng: random.Random) -> Problem:
@@ -141,10 +240,13 @@ def make_problem(level: str, rng: random.Random) -> Problem:
             if op3 == "-" and inner * c < d:
                 continue  # keep every intermediate and the answer non-negative
             text, ops = f"({a}{op1}{b})*{c}{op3}{d}", [(a, op1, b), (None, "*", c), (None, op3, d)]
+        elif level == EDGE_LEVEL:
+            a, b = r(10, 99), r(10, 99)
+            text, ops = f"{a}*{b}", mul2_ops(a, b)
         else:
-            raise ValueError(f"unknown level {level!r}; levels are {', '.join(LEVELS)}")
+            raise ValueError(f"unknown level {level!r}; levels are {', '.join(ALL_LEVELS)}")
         solution, answer = worked_solution(ops)
-        return Problem(level, text, answer, solution)
+        return Problem(level, text, answer, solution, tuple(resolve(ops)))
 
 
 def training_problems(rng: random.Random, levels=LEVELS, weights=None):
@@ -200,7 +302,7 @@ MAX_NESTING = 50           # parentheses within parentheses (the parser recurses
 _D2, _D3 = "([1-9][0-9])", "([1-9][0-9]{2})"
 SHAPES = {"add2": f"{_D2}([+-]){_D2}", "add3": f"{_D3}([+-]){_D3}",
           "mul": r"([1-9][0-9]{1,2})(\*)([2-9])",
-          "multi": rf"\({_D2}([+-]){_D2}\)(\*)([2-9])([+-]){_D2}"}
+          "multi": rf"\({_D2}([+-]){_D2}\)(\*)([2-9])([+-]){_D2}", "mul2": rf"{_D2}(\*){_D2}"}
 
 
 def parse_problem(text: str) -> Problem:
@@ -220,13 +322,14 @@ def parse_problem(text: str) -> Problem:
         m = re.fullmatch(shape, text)
         if m:
             n = [int(g) if g[0] in "0123456789" else g for g in m.groups()]
+            ops = mul2_ops(n[0], n[2]) if level == EDGE_LEVEL else \
+                [tuple(n[:3])] + [(None, n[i], n[i + 1]) for i in range(3, len(n), 2)]
             try:   # a subtraction below zero raises: that is not a problem of the level
-                solution, result = worked_solution([tuple(n[:3])] + [(None, n[i], n[i + 1])
-                                                                     for i in range(3, len(n), 2)])
+                solution, result = worked_solution(ops)
             except ValueError:
                 break
             assert result == answer, (text, result, answer)   # two ways to the same value
-            return Problem(level, text, answer, solution)
+            return Problem(level, text, answer, solution, tuple(resolve(ops)))
     return Problem(OUTSIDE, text, answer, "")
 
 

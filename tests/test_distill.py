@@ -82,7 +82,7 @@ def random_examples(n, seed=0):
 
 def test_sft_batch_targets_are_the_completion_tokens_only():
     examples = random_examples(12)
-    x, y = nanor1.sft_batch(examples)
+    x, y = plumbing.sft_rows(examples, nanor1.EOT)
     T = max(len(p) + len(c) for p, c in examples) - 1
     assert x.shape == y.shape == (len(examples), T)
     for i, (p, c) in enumerate(examples):
@@ -100,7 +100,7 @@ def test_sft_batch_targets_are_the_completion_tokens_only():
 def test_sft_loss_is_the_mean_nll_of_completion_tokens_and_ignores_the_prompts():
     model = tiny_model().eval()
     examples = random_examples(6, seed=1)
-    x, y = nanor1.sft_batch(examples)
+    x, y = plumbing.sft_rows(examples, nanor1.EOT)
     # the loss, padded and batched, equals the NLL of the completion tokens of each example run alone
     loss, _ = nanor1.sft_loss(model, x, y, torch.autocast("cpu", enabled=False))
     nll, n = 0.0, 0
@@ -133,7 +133,7 @@ def test_sft_loss_is_the_mean_nll_of_completion_tokens_and_ignores_the_prompts()
     # a changed completion token changes the loss
     p, c = examples[0]
     changed = [(p, [(c[0] + 1) % 256] + c[1:])] + examples[1:]
-    assert nanor1.sft_loss(model, *nanor1.sft_batch(changed), torch.autocast("cpu", enabled=False))[0].item() != \
+    assert nanor1.sft_loss(model, *plumbing.sft_rows(changed, nanor1.EOT), torch.autocast("cpu", enabled=False))[0].item() != \
         pytest.approx(loss.item(), rel=1e-6)
 
 
@@ -143,7 +143,7 @@ def test_sft_learns_the_completions_and_not_the_prompt(tmp_path):
     leave it as surprising as before (or more) while the completions become near certain."""
     prompt = [EOT] + encode("12+34=")
     examples = [(prompt, encode(f"<think>{d}</think><answer>{d}{d}</answer>") + [EOT]) for d in "0123456789"]
-    x, y = nanor1.sft_batch(examples)
+    x, y = plumbing.sft_rows(examples, nanor1.EOT)
     prompt_targets = torch.full_like(y, -1)
     prompt_targets[:, :len(prompt) - 1] = x[:, 1:len(prompt)]
 
