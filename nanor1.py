@@ -31,6 +31,8 @@ Where nanor1 departs from DeepSeek-R1-Zero, and why:
      (as Moonlight does) where V3 used AdamW: the same skill in far fewer steps.
   6. DeepSeek-R1's multi-stage recipe (--stage r1) and distillation (--stage distill) are here in
      miniature, simplified as said in their section.
+  7. The "aha moment" (bash aha.sh): reflection (checks, retries) is planted in a minority of the
+     pretraining documents, and counted exactly by a parser (data/reflect.py), not by keywords.
 """
 import contextlib
 import copy
@@ -51,7 +53,7 @@ from data import (LEVELS, is_heldout, reflective_solution, subset, test_set, tra
                   worked_solutions)
 from moe import KVCache, ModelConfig, Transformer
 import report
-from plumbing import (MODEL_STAGES, RECIPE_STAGES, Optimizers, Progress, accum_steps,
+from plumbing import (MODEL_STAGES, RECIPE_STAGES, UNLEARNED, Optimizers, Progress, accum_steps,
                       all_reduce_sum, autocast, checkpoint_or_stop, clipped_step, export_hf,
                       grpo_rank_shares, install_signal_handlers, is_ddp, level_weights,
                       load_base_model, load_stage_model, log_metrics, pack_rows, pad_left,
@@ -85,9 +87,9 @@ class Config:
     think_frac: float = 0.4         # share of pretraining documents written as worked solutions
     level_weights: str = "1,1,2,2"  # pretraining mix of add2,add3,mul,multi (the hard ones x2)
     edge_weight: float = 0.0        # weight of the edge level mul2 (> 0: pretrained, tested, RL'd)
-    verify_frac: float = 0.0        # share of worked solutions that check a result (data.arith)
+    verify_frac: float = 0.0        # share of worked solutions that check a result (bash aha.sh)
     retry_frac: float = 0.0         # share that write a column wrong, then " wait " and redo it
-    aha: bool = False               # the aha-moment flag set, Config.AHA (flags given still win)
+    mask_errors: bool = True        # their planted wrong values are inputs, never targets
     n_test: int = 200               # held-out problems per level
     # pretraining
     pretrain_steps: int = 800
@@ -141,12 +143,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
-# --aha: the edge level, reflective worked solutions in pretraining (rows long enough for them),
-# longer RL. The reward is R1-Zero's: nothing pays for reflection itself (docs/aha.md).
-Config.AHA = dict(edge_weight=0.5, verify_frac=0.15, retry_frac=0.15, block_size=256, batch_size=16,
-                  max_new_tokens=256, grpo_steps=60)
-
-
 def parse_args(argv=None) -> Config:
     """Flags -> Config; a bad flag or value ends with one line on stderr and exit code 2."""
     return parse_flags(Config, argv)
@@ -192,14 +188,20 @@ def draw_problems(rng: random.Random, n: int, levels=LEVELS) -> list:
 def pretrain_documents(cfg: Config, rng: random.Random):
     """Endless documents (token lists) ending in end-of-text, to learn to stop: a problem (levels
     mixed by --level_weights) with its answer, or its worked solution (probability think_frac),
-    a share of those reflective (--verify_frac, --retry_frac) where they fit a row."""
+    a share of those reflective (--verify_frac, --retry_frac) where they fit a row. A planted
+    error's tokens are shifted by UNLEARNED (--mask_errors): the model reads them, and learns to
+    catch and redo them, but is never trained to write them (pack_rows)."""
     problems, reflect = training_problems(rng, *run_levels(cfg)), cfg.verify_frac + cfg.retry_frac
     while True:
         p = next(problems)
         doc = encode(p.document(think := rng.random() < cfg.think_frac)) + [EOT]
         if think and reflect and rng.random() < reflect:
             form = "verify" if rng.random() * reflect < cfg.verify_frac else "retry"
-            reflective = encode(p.document(True, reflective_solution(p.ops, form, rng))) + [EOT]
+            solution, errors = reflective_solution(p.ops, form, rng)
+            reflective = encode(p.document(True, solution)) + [EOT]
+            at = len(encode(p.prompt)) + 1                          # the solution's first token
+            for a, b in errors if cfg.mask_errors else []:          # one token per character
+                reflective[at + a:at + b] = [t + UNLEARNED for t in reflective[at + a:at + b]]
             doc = reflective if len(reflective) <= cfg.block_size else doc
         yield doc
 

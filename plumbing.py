@@ -85,9 +85,6 @@ def parse_args(config_cls, argv=None):
             g.add_argument(f"--{f.name}", **flag, default=default, help=helps.get(f.name, f.name),
                            metavar=type(default).__name__.upper())
     a = vars(p.parse_args(argv))
-    if a.get("aha"):   # a preset: its values become the defaults, flags given still win
-        p.set_defaults(**config_cls.AHA)
-        a = vars(p.parse_args(argv))
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
         cfg = config_cls(**{k: v for k, v in a.items() if k not in model_keys},
@@ -329,12 +326,15 @@ def sft_rows(examples: list, pad: int):
     return x, y
 
 
+UNLEARNED = 1 << 20   # a document token t + UNLEARNED: the input t, never a target (pack_rows)
+
+
 def pack_rows(docs, queue: list, rows: int, block_size: int, eot: int):
     """Pack documents (token lists from the iterator docs) into `rows` rows of block_size + 1
-    tokens -> x, y (rows, block_size): inputs and next-token targets, -1 on the padding. A row is
-    eot, then whole documents, never split, taken first fit from the queue (kept at 16 documents,
-    and kept by the caller for the next batch), so every document is used and the padded tail of
-    a row is short."""
+    tokens -> x, y (rows, block_size): inputs and next-token targets, -1 on the padding and on
+    tokens marked UNLEARNED. A row is eot, then whole documents, never split, taken first fit
+    from the queue (kept at 16 documents, and kept by the caller for the next batch), so every
+    document is used and the padded tail of a row is short."""
     T, xs, ys = block_size + 1, [], []
     for _ in range(rows):
         row = [eot]
@@ -349,8 +349,8 @@ def pack_rows(docs, queue: list, rows: int, block_size: int, eot: int):
             if fit is None:
                 break
             row += queue.pop(fit)
-        xs.append(row[:-1] + [eot] * (T - len(row)))
-        ys.append(row[1:] + [-1] * (T - len(row)))
+        xs.append([t % UNLEARNED for t in row[:-1]] + [eot] * (T - len(row)))
+        ys.append([-1 if t >= UNLEARNED else t for t in row[1:]] + [-1] * (T - len(row)))
     return torch.tensor(xs), torch.tensor(ys)
 
 

@@ -265,10 +265,10 @@ def merge_summary(cfg, pipeline: str, stages: list, **extra):
     write_json(path, summary)
 
 
-def read_metrics(cfg) -> list:
+def read_metrics(out_dir: str) -> list:
     """The records of out_dir/metrics.jsonl (none if there is no file), skipping a line a kill cut
     short: what the plots and samples.html are drawn from."""
-    path, records = os.path.join(cfg.out_dir, "metrics.jsonl"), []
+    path, records = os.path.join(out_dir, "metrics.jsonl"), []
     with contextlib.suppress(FileNotFoundError), open(path) as f:
         for line in f:
             with contextlib.suppress(ValueError):
@@ -276,6 +276,15 @@ def read_metrics(cfg) -> list:
                 if isinstance(r, dict) and "stage" in r:
                     records.append(r)
     return records
+
+
+def smooth_rates(ys: list, k: int = 10) -> list:
+    """A running mean over the last k values that have cases (None: a step without any)."""
+    out = []
+    for i in range(len(ys)):
+        window = [y for y in ys[max(0, i - k + 1):i + 1] if y is not None]
+        out.append(sum(window) / len(window) if window else float("nan"))
+    return out
 
 
 def reflection_panels(samples_ax, heldout_ax, rl: list, ev: list, base: dict, smooth):
@@ -295,7 +304,7 @@ def reflection_panels(samples_ax, heldout_ax, rl: list, ev: list, base: dict, sm
     ev_steps, ev_res = [0] + [r["step"] for r in ev], [base] + [r["heldout"] for r in ev]
     for field, name in names.items():
         ys = [r.get("reflection", {}).get(level, {}).get(field) for r in rl]
-        tw.plot(steps, [float("nan") if y is None else y for y in ys], label=name, lw=1)
+        tw.plot(steps, smooth_rates(ys), label=name, lw=1)
         ys = [r[level].get("reflection", {}).get(field) for r in ev_res]
         heldout_ax.plot(ev_steps, [float("nan") if y is None else y for y in ys], "o-",
                         label=name)
@@ -310,7 +319,7 @@ def make_plots(cfg, base: dict, final: dict):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    recs = read_metrics(cfg)
+    recs = read_metrics(cfg.out_dir)
     pre = [r for r in recs if r["stage"] == "pretrain"]
     rl = [r for r in recs if r["stage"] == "grpo"]
     ev = [r for r in rl if "heldout" in r]
@@ -522,7 +531,7 @@ def samples_page(title: str, subtitle: str, shown: dict, titles: dict, records: 
 def write_samples_page(cfg, shown: dict):
     """out_dir/samples.html, from shown (evaluate's records of the base and the final model) and
     the GRPO records in out_dir/metrics.jsonl (so a resumed run's page has every step)."""
-    records = [r for r in read_metrics(cfg) if r["stage"] == "grpo"]
+    records = [r for r in read_metrics(cfg.out_dir) if r["stage"] == "grpo"]
     first = "the model loaded" if cfg.stage == "eval" else "base (before GRPO)"
     titles = {"base": first, "final": "final (after GRPO)"}
     page = samples_page(f"nanor1: what the model writes ({cfg.out_dir})",
@@ -555,3 +564,95 @@ def answer_line(i: int, text: str, answer, right: bool, reward: float) -> str:
     label = "greedy" if i == 0 else f"sample {i}"
     return (f"  {label:<9} {'right' if right else 'wrong'}  reward {reward:.2f}  answer "
             f"{'-' if answer is None else answer:<6} {_printable(text)}")
+
+
+# -----------------------------------------------------------------------------
+# The aha-moment experiment (bash aha.sh experiment): the reflective and the plain arm, seed by
+# seed, from their out dirs -> out-aha/aha.md (tables) and out-aha/aha.png (curves).
+
+ARMS = ("reflect", "plain")
+AHA_ROWS = [("reflect_rate", "reflect rate"), ("catch_rate", "catch rate"),
+            ("false_alarm_rate", "false-alarm rate"), ("fix_rate", "fix rate (retry success)"),
+            ("verdict_acc", "verdict accuracy"), ("accuracy", "accuracy"),
+            ("mean_length", "response length")]
+
+
+def _cell(values: list, spec: str = ".2f") -> str:
+    """Mean (min-max) of the values that exist, "-" if none does."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "-"
+    return format(sum(v) / len(v), spec) + (f" ({min(v):{spec}}-{max(v):{spec}})" if len(v) > 1
+                                            else "")
+
+
+def compare_arms(root: str):
+    """root/reflect-<seed>/ and root/plain-<seed>/ (bash aha.sh experiment) -> root/aha.md, a
+    table of the reflection rates before and after GRPO per arm, and root/aha.png, their curves."""
+    import glob
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {arm: sorted(glob.glob(os.path.join(root, f"{arm}-*"))) for arm in ARMS}
+    summaries = {arm: [json.load(open(os.path.join(d, "summary.json"))) for d in runs[arm]]
+                 for arm in ARMS}
+    if not all(summaries.values()):
+        raise SystemExit(f"error: {root} needs reflect-<seed>/ and plain-<seed>/ runs with a "
+                         f"summary.json (bash aha.sh experiment)")
+    edge = next(k for k in summaries[ARMS[0]][0]["base"] if k not in LEVELS and k != "overall")
+    seeds = ", ".join(f"{a}: {len(summaries[a])} seeds" for a in ARMS)
+    lines = [f"# The aha-moment experiment ({seeds})",
+             "", "Mean over seeds (min-max). Sampled at T=1, forced to think, 100 held-out problems"
+             " per level, before (base) and after GRPO (final); data/reflect.py's rates.", ""]
+    for level in (edge, "overall"):
+        lines += [f"## {level}", "", "| | " + " | ".join(f"{a} base | {a} final" for a in ARMS)
+                  + " |", "|---" * (1 + 2 * len(ARMS)) + "|"]
+        for key, name in AHA_ROWS:
+            cells = [_cell([s["reflection"][m][level].get(key) for s in summaries[a]],
+                           ".1f" if key == "mean_length" else ".2f")
+                     for a in ARMS for m in ("base", "final")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Greedy held-out (R1-Zero's signature; overall = the four R1-Zero levels)", "",
+              "| arm | seed | overall | multi | " + edge + " | think | length | wall |",
+              "|---|---|---|---|---|---|---|---|"]
+    for a in ARMS:
+        for s in summaries[a]:
+            b, f = s["base"], s["final"]
+            pair = lambda lvl, key: f"{b[lvl][key]:.2f} -> {f[lvl][key]:.2f}"
+            lines.append(f"| {a} | {s['seed']} | {pair('overall', 'accuracy')} | "
+                         f"{pair('multi', 'accuracy')} | {pair(edge, 'accuracy')} | "
+                         f"{pair('overall', 'think_rate')} | {b['overall']['mean_length']:.1f} -> "
+                         f"{f['overall']['mean_length']:.1f} | "
+                         f"{fmt_time(s['wall_seconds']['total'])} |")
+    atomic_write(os.path.join(root, "aha.md"), "\n".join(lines) + "\n")
+    # curves: each seed's sampled GRPO steps, the edge level's rates, a line per seed
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4.5))
+    for ci, a in enumerate(ARMS):
+        for d in runs[a]:
+            rl = [r for r in read_metrics(d) if r["stage"] == "grpo"]
+            steps = [r["step"] for r in rl]
+            for i, key in enumerate(("reflect_rate", "catch_rate", "false_alarm_rate")):
+                ys = [r.get("reflection", {}).get(edge, {}).get(key) for r in rl]
+                ax[i].plot(steps, smooth_rates(ys), color=f"C{ci}", alpha=0.8,
+                           label=a if d == runs[a][0] else None)
+            ax[3].plot(steps, smooth_rates([r["length"] for r in rl]), color=f"C{ci}", alpha=0.8,
+                       label=a if d == runs[a][0] else None)
+    for i, title in enumerate(["reflect rate", "catch rate", "false-alarm rate"]):
+        ax[i].set(title=f"{title}, sampled worked solutions ({edge})", xlabel="GRPO step",
+                  ylim=(0, 1.0 if i == 0 else 0.5))
+    ax[3].set(title="mean response length (samples, all levels)", xlabel="GRPO step",
+              ylabel="tokens")
+    for x in ax:
+        x.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "aha.png"), dpi=100)
+    plt.close(fig)
+    print("\n".join(lines) + f"\n\nwrote {root}/aha.md, {root}/aha.png")
+
+
+if __name__ == "__main__":   # python report.py compare out-aha
+    import sys
+    if sys.argv[1:2] != ["compare"] or len(sys.argv) != 3:
+        raise SystemExit("usage: python report.py compare OUT_ROOT   (see aha.sh)")
+    compare_arms(sys.argv[2])

@@ -158,14 +158,18 @@ def mul2_ops(a: int, b: int) -> list:
 # Everything in them is true arithmetic except the one error put in on purpose, which the
 # reflection then catches.
 
+_ERR, _END = "\0", "\1"   # around the planted wrong value while a solution is written
+
+
 def _wrong_column(step: str, op: str, rng: random.Random) -> tuple:
     """A column step with a wrong value that keeps the step's carry -> (text, value): only the
-    digit it writes changes ("4+8+1=13" -> "4+8+1=17"), so the columns after it stay right."""
+    digit it writes changes ("4+8+1=13" -> "4+8+1=17"), so the columns after it stay right. The
+    value is marked (_ERR, _END) for reflective_solution to find."""
     lhs, v = step.rsplit("=", 1)
     v = int(v)
     wrong = rng.choice([d for d in range(10) if d != v] if op == "-" else
                        [v // 10 * 10 + d for d in range(10) if d != v % 10])
-    return f"{lhs}={wrong}", wrong
+    return f"{lhs}={_ERR}{wrong}{_END}", wrong
 
 
 def _written_result(op: str, values: list) -> int:
@@ -186,11 +190,13 @@ def _check(a: int, op: str, b: int, r: int) -> str:
     return f" check {text} {'ok' if got == expect else 'no'}"
 
 
-def reflective_solution(ops: list, form: str, rng: random.Random) -> str:
+def reflective_solution(ops: list, form: str, rng: random.Random) -> tuple:
     """The worked solution of ops with one reflection in one operation (chosen at random):
     retry: one column written wrong, then " wait " and the column redone right;
     verify: the operation's result checked ("ok"); half the time one of its columns is written
-    wrong first, so its result is wrong, the check says "no", and " wait " redoes the operation."""
+    wrong first, so its result is wrong, the check says "no", and " wait " redoes the operation.
+    -> (text, errors): errors the (start, end) character spans of the planted wrong values (the
+    pretraining can show them without teaching them: nanor1.pretrain_documents)."""
     ops = resolve(ops)
     k = rng.randrange(len(ops))
     a, op, b = ops[k]
@@ -215,7 +221,13 @@ def reflective_solution(ops: list, form: str, rng: random.Random) -> str:
     else:
         raise ValueError(f"unknown reflection form {form!r}; forms are verify, retry")
     parts = [operation_solution(*o)[0] for o in ops]
-    return " ".join(parts[:k] + [text] + parts[k + 1:])
+    text, errors = " ".join(parts[:k] + [text] + parts[k + 1:]), []
+    while _ERR in text:
+        start = text.index(_ERR)
+        end = text.index(_END) - 1
+        text = text.replace(_ERR, "", 1).replace(_END, "", 1)
+        errors.append((start, end))
+    return text, errors
 
 
 def make_problem(level: str, rng: random.Random) -> Problem:

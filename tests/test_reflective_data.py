@@ -1,6 +1,8 @@
 """The edge level and the reflective worked solutions (data/arith.py), checked by an evaluator
 written here: every column fact, result, check and verdict is true arithmetic except the one
 error put in on purpose, and taking the reflection out gives back the plain worked solution."""
+import itertools
+import os
 import random
 import re
 
@@ -10,8 +12,10 @@ import data
 import nanor1
 from data import ALL_LEVELS, EDGE_LEVEL, make_problem, reflective_solution
 from data.reflect import completion_counts
+from plumbing import UNLEARNED, pack_rows
 
 OP = re.compile(r"(\d+)([+*-])(\d+):([^>]*)>(\d+)")          # one operation: header:columns>result
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMN = re.compile(r"(\d+)([+*-])(\d+)(?:([+-])(\d+))?=(\d+)")
 
 
@@ -66,7 +70,7 @@ def test_reflective_solutions_are_true_but_for_the_one_error_they_catch(form):
     rng = random.Random(form)
     seen = {"wait": 0, "ok": 0, "no": 0}
     for p in problems():
-        trace = reflective_solution(p.ops, form, rng)
+        trace, errors = reflective_solution(p.ops, form, rng)
         assert plain_again(trace) == p.solution, trace
         ops = operations(trace)
         false_columns = [c for *_, cols, _ in ops for c in cols if not column_is_true(c)]
@@ -77,6 +81,8 @@ def test_reflective_solutions_are_true_but_for_the_one_error_they_catch(form):
             bad, redo = re.search(r"([^,:]+) wait ([^,>]+)", trace).groups()
             assert false_columns == [bad] and column_is_true(redo) and not wrong_results
             assert bad.split("=")[0] == redo.split("=")[0]         # the same column, redone
+            (a, b), = errors                                       # the span: its wrong value
+            assert trace[a:b] == bad.split("=")[1] and trace[b:].startswith(" wait ")
             continue
         m = re.search(r"(\d+)([+*-])(\d+):[^>]*>(\d+) check (\d+)([+*-])(\d+):[^>]*>(\d+) (ok|no)",
                       trace)
@@ -88,10 +94,12 @@ def test_reflective_solutions_are_true_but_for_the_one_error_they_catch(form):
         assert (verdict == "ok") == (int(got) == int(expected[3])) == (int(r) == value(a, op, b))
         seen[verdict] += 1
         if verdict == "ok":
-            assert not false_columns and not wrong_results
+            assert not false_columns and not wrong_results and not errors
         else:                                  # one wrong column, its wrong result, then the redo
             assert len(false_columns) == 1 and len(wrong_results) == 1
             assert wrong_results[0][:3] == (a, op, b) and " no wait " + f"{a}{op}{b}:" in trace
+            (s, e), = errors
+            assert trace[s:e] == false_columns[0].split("=")[1] and trace[e] in ",>"
     assert all(seen[k] > 50 for k in (["wait"] if form == "retry" else ["ok", "no"])), seen
 
 
@@ -101,7 +109,7 @@ def test_the_parser_credits_the_planted_reflections_exactly():
     rng = random.Random(5)
     for p in problems(40):
         for form in ("retry", "verify"):
-            c = completion_counts(f"<think>{reflective_solution(p.ops, form, rng)}</think>"
+            c = completion_counts(f"<think>{reflective_solution(p.ops, form, rng)[0]}</think>"
                                   f"<answer>{p.answer}</answer>")
             assert c["parsed"] == c["reflective"] == 1
             assert c["right_flagged"] == 0 and c["fixed"] == c["flagged"] == c["wrong_flagged"]
@@ -115,7 +123,7 @@ def test_reflective_documents_take_their_share_and_fit_the_row():
     cfg = nanor1.Config(verify_frac=0.3, retry_frac=0.2, think_frac=1.0, edge_weight=1.0,
                         block_size=256)
     docs = nanor1.pretrain_documents(cfg, random.Random(3))
-    texts = [nanor1.enc.decode(next(docs)) for _ in range(3000)]
+    texts = [nanor1.enc.decode([t % UNLEARNED for t in next(docs)]) for _ in range(3000)]
     checks = sum(" check " in t for t in texts) / len(texts)
     retries = sum(" wait " in t and " check " not in t for t in texts) / len(texts)
     assert all(len(nanor1.encode(t)) <= cfg.block_size for t in texts)
@@ -136,12 +144,20 @@ def test_without_reflection_the_documents_are_what_they_were():
             nanor1.EOT]
 
 
-def test_the_aha_flag_set_is_a_preset_that_flags_override():
-    cfg = nanor1.parse_args(["--aha"])
-    assert (cfg.edge_weight, cfg.verify_frac, cfg.block_size) == (0.5, 0.15, 256)
-    cfg = nanor1.parse_args(["--aha", "--verify_frac", "0", "--retry_frac", "0"])
-    assert (cfg.edge_weight, cfg.verify_frac, cfg.retry_frac) == (0.5, 0.0, 0.0)
-    assert nanor1.parse_args([]).edge_weight == 0.0
+def aha_flags() -> list:
+    """The flag set aha.sh passes to nanor1.py (its AHA=( ... ) array)."""
+    text = open(os.path.join(ROOT, "aha.sh")).read()
+    return re.search(r"^AHA=\((.*?)\)", text, re.S | re.M).group(1).split()
+
+
+def test_aha_sh_flags_are_valid_and_make_rows_for_its_longest_documents():
+    cfg = nanor1.parse_args(aha_flags())
+    assert cfg.edge_weight > 0 and cfg.verify_frac > 0 and cfg.retry_frac > 0
+    docs = nanor1.pretrain_documents(cfg, random.Random(0))
+    lengths = [len(next(docs)) for _ in range(3000)]
+    assert max(lengths) <= cfg.block_size                      # every document fits a row
+    assert max(lengths) > 128                                  # which the default's would not hold
+    assert cfg.max_new_tokens >= max(lengths)                  # nor would its completions
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -153,3 +169,37 @@ def test_bad_reflection_settings_are_one_line_errors(flags, says, capsys):
     with pytest.raises(SystemExit) as e:
         nanor1.parse_args(flags)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_planted_errors_are_read_but_never_learned(mask):
+    """--mask_errors: the planted wrong value is in the row's inputs, and no target asks for it;
+    every other token of the document is a target as usual. Off: the error is learned like the
+    rest."""
+    cfg = nanor1.Config(verify_frac=0.5, retry_frac=0.5, think_frac=1.0, block_size=256,
+                        mask_errors=mask)
+    docs, masked = nanor1.pretrain_documents(cfg, random.Random(8)), 0
+    for _ in range(200):
+        doc = next(docs)
+        marked = [i for i, t in enumerate(doc) if t >= UNLEARNED]
+        text = nanor1.enc.decode([t % UNLEARNED for t in doc])
+        if " wait " not in text:                              # a check that says ok: no error
+            assert not marked
+            continue
+        if not mask:
+            assert not marked
+            continue
+        masked += 1
+        plain = [t % UNLEARNED for t in doc]
+        wrong = nanor1.enc.decode(plain[marked[0]:marked[-1] + 1])
+        assert marked == list(range(marked[0], marked[-1] + 1)) and wrong.isdigit()
+        before = nanor1.enc.decode(plain[:marked[0]])
+        assert re.search(r"[0-9]+[+*-][0-9]+(?:[+-][0-9]+)?=$", before)   # a column's value
+        x, y = pack_rows(itertools.repeat(doc), [], 1, 256, nanor1.EOT)
+        row = [nanor1.EOT] + plain                             # a row: end-of-text, then the doc
+        assert x[0, :len(plain)].tolist() == row[:len(plain)]
+        targets = y[0, :len(plain)].tolist()
+        assert [i for i, t in enumerate(targets) if t == -1] == [i - 1 for i in range(
+            marked[0] + 1, marked[-1] + 2)]
+        assert all(t == row[i + 1] for i, t in enumerate(targets) if t != -1)
+    assert masked > 30 or not mask
