@@ -10,6 +10,7 @@ learns, by itself, to think step by step before it answers.
     python nanor1.py --stage distill         # a 4x smaller student, RL vs distilled
     python nanor1.py --stage sample --prompt "(47+85)*3-29"   # ask out/final.pt a problem
     python nanor1.py --stage export          # out/final.pt -> out/hf/, a HF DeepSeek-V3 checkpoint
+    bash aha.sh                              # the aha moment: reflection planted, then counted
     bash train.sh                            # GPUs: a larger preset under torchrun
     python nanor1.py --help                  # every setting, with its default
 
@@ -880,8 +881,7 @@ def main(argv=None):
               for f in ("think", "answer")}
     print0("held-out (greedy, 100/level) forced to think:    " + levels_line(forced["think"]))
     print0("held-out (greedy, 100/level) forced to answer:   " + levels_line(forced["answer"]))
-    # reflection shows in sampled worked solutions (greedy ones follow the plain form): measured so,
-    # before and after GRPO, by data/reflect.py
+    # reflection shows in sampled worked solutions (data/reflect.py); greedy ones are plain
     reflection = {"base": evaluate(model, subset(tests, 100), cfg, device, False, cfg.seed,
                                    "think")}
 

@@ -593,14 +593,16 @@ def compare_arms(root: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = {arm: sorted(glob.glob(os.path.join(root, f"{arm}-*"))) for arm in ARMS}
+    runs = {arm: sorted(os.path.dirname(f) for f in
+                        glob.glob(os.path.join(root, f"{arm}-*", "summary.json"))) for arm in ARMS}
     summaries = {arm: [json.load(open(os.path.join(d, "summary.json"))) for d in runs[arm]]
                  for arm in ARMS}
     if not all(summaries.values()):
         raise SystemExit(f"error: {root} needs reflect-<seed>/ and plain-<seed>/ runs with a "
                          f"summary.json (bash aha.sh experiment)")
     edge = next(k for k in summaries[ARMS[0]][0]["base"] if k not in LEVELS and k != "overall")
-    seeds = ", ".join(f"{a}: {len(summaries[a])} seeds" for a in ARMS)
+    seeds = ", ".join(f"{a}: {len(summaries[a])} seed{'s' * (len(summaries[a]) > 1)}"
+                      for a in ARMS)
     lines = [f"# The aha-moment experiment ({seeds})",
              "", "Mean over seeds (min-max). Sampled at T=1, forced to think, 100 held-out problems"
              " per level, before (base) and after GRPO (final); data/reflect.py's rates.", ""]
@@ -613,15 +615,38 @@ def compare_arms(root: str):
                      for a in ARMS for m in ("base", "final")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    # during GRPO: the samples it trains on, its first ten steps against its last ten
+    records = {a: [[r for r in read_metrics(d) if r["stage"] == "grpo"] for d in runs[a]]
+               for a in ARMS}
+    lines += [f"## During GRPO: its sampled completions, steps 1-10 -> the last 10 (mean of the "
+              f"steps' rates, then over seeds)", "",
+              "| | " + " | ".join(f"{a} first | {a} last" for a in ARMS) + " |",
+              "|---" * (1 + 2 * len(ARMS)) + "|"]
+    for level, key, name in [(edge, "reflect_rate", f"{edge} reflect rate"),
+                             (edge, "catch_rate", f"{edge} catch rate"),
+                             (edge, "false_alarm_rate", f"{edge} false-alarm rate"),
+                             ("overall", "reflect_rate", "overall reflect rate"),
+                             (None, "acc", "accuracy (all levels)"),
+                             (None, "length", "response length (all levels)")]:
+        def mean(rs):
+            v = [r[key] if level is None else r.get("reflection", {}).get(level, {}).get(key)
+                 for r in rs]
+            v = [x for x in v if x is not None]
+            return sum(v) / len(v) if v else None
+        cells = [_cell([mean(rs[:10] if part == 0 else rs[-10:]) for rs in records[a]],
+                       ".1f" if key == "length" else ".2f") for a in ARMS for part in (0, 1)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
     lines += ["## Greedy held-out (R1-Zero's signature; overall = the four R1-Zero levels)", "",
-              "| arm | seed | overall | multi | " + edge + " | think | length | wall |",
-              "|---|---|---|---|---|---|---|---|"]
+              f"| arm | seed | overall | multi | {edge} | {edge} forced to think (base) | think | "
+              "length | wall |", "|---" * 9 + "|"]
     for a in ARMS:
         for s in summaries[a]:
             b, f = s["base"], s["final"]
             pair = lambda lvl, key: f"{b[lvl][key]:.2f} -> {f[lvl][key]:.2f}"
             lines.append(f"| {a} | {s['seed']} | {pair('overall', 'accuracy')} | "
                          f"{pair('multi', 'accuracy')} | {pair(edge, 'accuracy')} | "
+                         f"{s['base_forced_think'][edge]['accuracy']:.2f} | "
                          f"{pair('overall', 'think_rate')} | {b['overall']['mean_length']:.1f} -> "
                          f"{f['overall']['mean_length']:.1f} | "
                          f"{fmt_time(s['wall_seconds']['total'])} |")

@@ -11,6 +11,7 @@ import torch
 import data
 import report
 from data.reflect import RATE_FIELDS
+from marks import ALL, needs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,6 +58,7 @@ def test_level_rates_put_the_edge_level_after_overall_and_keep_overall_to_the_fo
     assert only_edge["overall"]["accuracy"] == 0.1
 
 
+@needs(*ALL)
 def test_a_run_logs_reflection_at_every_grpo_step_and_summarises_it(tmp_path):
     tiny = ["--dim", "32", "--inter_dim", "64", "--moe_inter_dim", "32", "--n_layers", "2",
             "--n_heads", "2", "--kv_lora_rank", "16", "--qk_nope_head_dim", "8",
