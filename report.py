@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from data import EDGE_LEVEL, LEVELS, OUTSIDE, is_heldout
+from data import ALL_LEVELS, EDGE_LEVEL, LEVELS, OUTSIDE, is_heldout
 from data.reflect import COUNT_FIELDS, RATE_FIELDS, completion_counts, reflection_rates
 from plumbing import all_reduce_sum, atomic_write, fmt_time, log_metrics, mfu, print0, write_json
 
@@ -449,7 +449,7 @@ def levels_tables(shown: dict, titles: dict) -> str:
         return ""
     by_model = {m: {(r["level"], r["problem"]): r for r in shown[m]} for m in models}
     parts = []
-    for level in LEVELS:
+    for level in ALL_LEVELS:
         problems = [r for r in shown[models[0]] if r["level"] == level][:SHOWN_PER_LEVEL]
         if not problems:
             continue
@@ -650,7 +650,8 @@ def compare_arms(root: str):
                          f"{pair('overall', 'think_rate')} | {b['overall']['mean_length']:.1f} -> "
                          f"{f['overall']['mean_length']:.1f} | "
                          f"{fmt_time(s['wall_seconds']['total'])} |")
-    atomic_write(os.path.join(root, "aha.md"), "\n".join(lines) + "\n")
+    with atomic_write(os.path.join(root, "aha.md")) as f:
+        f.write("\n".join(lines) + "\n")
     # curves: each seed's sampled GRPO steps, the edge level's rates, a line per seed
     fig, ax = plt.subplots(1, 4, figsize=(21, 4.5))
     for ci, a in enumerate(ARMS):

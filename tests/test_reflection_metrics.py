@@ -87,3 +87,47 @@ def test_a_run_logs_reflection_at_every_grpo_step_and_summarises_it(tmp_path):
     assert [g["step"] for g in grpo] == [1, 2, 3]
     assert all(list(g["reflection"]) == levels for g in grpo)
     assert all("reflection" in g["heldout"]["mul2"] for g in grpo if "heldout" in g)
+
+
+def fake_run(root, name, seed, reflect_before, reflect_after, rates_per_step):
+    """A run directory as bash aha.sh experiment leaves it: summary.json and metrics.jsonl."""
+    d = root / name
+    d.mkdir()
+    def level(r, acc):
+        return dict({f: None for f in RATE_FIELDS}, reflect_rate=r, accuracy=acc, mean_length=50.0)
+    greedy = {k: {"accuracy": 0.5, "think_rate": 0.0, "mean_length": 5.0}
+              for k in ["add2", "add3", "mul", "multi", "overall", "mul2"]}
+    summary = {"seed": seed, "wall_seconds": {"total": 61.0}, "base": greedy, "final": greedy,
+               "base_forced_think": greedy,
+               "reflection": {"base": {"overall": level(reflect_before, 0.9),
+                                       "mul2": level(reflect_before, 0.6)},
+                              "final": {"overall": level(reflect_after, 0.9),
+                                        "mul2": level(reflect_after, 0.7)}}}
+    (d / "summary.json").write_text(json.dumps(summary))
+    recs = [{"stage": "grpo", "step": i + 1, "acc": 0.5, "length": 30.0,
+             "reflection": {"mul2": {"reflect_rate": r, "catch_rate": None}}}
+            for i, r in enumerate(rates_per_step)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_the_experiment_report_averages_seeds_as_a_hand_count_does(tmp_path):
+    # reflect arm: reflect rates 0.2 and 0.4 before (mean 0.30), 0.1 and 0.0 after (0.05); GRPO
+    # steps 1-10 at 0.5 then 10 steps at 0.1 (seed 0), all 20 at 0.3 (seed 1): first 0.40, last 0.20
+    fake_run(tmp_path, "reflect-0", 0, 0.2, 0.1, [0.5] * 10 + [0.1] * 10)
+    fake_run(tmp_path, "reflect-1", 1, 0.4, 0.0, [0.3] * 20)
+    fake_run(tmp_path, "plain-0", 0, 0.0, 0.0, [0.0] * 20)
+    (tmp_path / "plain-0.log").write_text("a log beside the runs is not a run")
+    report.compare_arms(str(tmp_path))
+    md = (tmp_path / "aha.md").read_text()
+    assert "(reflect: 2 seeds, plain: 1 seed)" in md
+    assert "| reflect rate | 0.30 (0.20-0.40) | 0.05 (0.00-0.10) | 0.00 | 0.00 |" in md
+    assert "| mul2 reflect rate | 0.40 (0.30-0.50) | 0.20 (0.10-0.30) | 0.00 | 0.00 |" in md
+    assert "| mul2 catch rate | - | - | - | - |" in md                      # no cases: no number
+    assert (tmp_path / "aha.png").stat().st_size > 10_000
+
+
+def test_the_experiment_report_says_what_it_needs(tmp_path):
+    r = subprocess.run([sys.executable, "report.py", "compare", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "needs reflect-<seed>/ and plain-<seed>/" in r.stderr
+    assert "Traceback" not in r.stderr
