@@ -145,8 +145,10 @@ def grpo_record(step: int, rewards, acc, fmt, lengths, texts, zero_std, truncate
 
 
 def grpo_fields(rec: dict) -> str:
+    refl = rec.get("reflection", {}).get("overall", {}).get("reflect_rate")
     return (f"reward {rec['reward']:.2f} (acc {rec['acc']:.2f} fmt {rec['fmt']:.2f}) | "
-            f"len {rec['length']:5.1f} | think {rec['think']:.2f} | kl {rec['kl']:.3f} | "
+            f"len {rec['length']:5.1f} | think {rec['think']:.2f} | "
+            + (f"refl {refl:.2f} | " if refl is not None else "") + f"kl {rec['kl']:.3f} | "
             f"clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | "
             f"zero-std {rec['zero_std']:.2f} | trunc {rec['truncated']:.2f} | "
             f"gen {rec['t_gen']:.1f}s train {rec['t_update']:.1f}s")
