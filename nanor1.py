@@ -61,8 +61,8 @@ from plumbing import (MODEL_STAGES, RECIPE_STAGES, UNLEARNED, Optimizers, Progre
                       peak_flops, prepare_out_dir, print0, rank_and_world, read_problems,
                       read_resume_checkpoint, read_sft_data, remember_resume_flags,
                       restore_optimizer, run_levels, sample, save_checkpoint, setup, sft_rows,
-                      stage_cfg, start_metrics, student_config, teardown, training_loop, wrap_ddp,
-                      write_jsonl)
+                      stage_cfg, start_metrics, student_config, teardown, trained_levels,
+                      training_loop, wrap_ddp, write_jsonl)
 from plumbing import parse_args as parse_flags
 from report import levels_line
 
@@ -420,10 +420,11 @@ def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed:
 
 def ask(cfg: Config, device):
     """--stage sample: the model's greedy answer and num_samples sampled ones to each problem."""
-    model, _ = load_stage_model(cfg, device, "final.pt")
+    model, path = load_stage_model(cfg, device, "final.pt")
+    trained = trained_levels(path, device)       # the edge level only if its run trained on it
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     for p in read_problems(cfg, prompt_tokens, model.cfg.max_seq_len):
-        print(report.problem_line(p))
+        print(report.problem_line(p, trained))
         for i, greedy in enumerate([True] + [False] * cfg.num_samples):   # 0: the greedy one
             comp = generate(model, [prompt_tokens(p)], cfg.max_new_tokens, cfg.temperature,
                             cfg.top_k, greedy, gen, autocast(cfg, device))[0][0]

@@ -507,6 +507,13 @@ def load_checkpoint(path, device):
     return model, ckpt
 
 
+def trained_levels(path: str, device) -> list:
+    """The levels the run that wrote checkpoint path trained on (its --edge_weight says whether
+    the edge level was one)."""
+    trained = read_checkpoint(path, device)["config"]
+    return list(LEVELS) + ([EDGE_LEVEL] if trained.get("edge_weight", 0) > 0 else [])
+
+
 def stage_cfg(cfg, *parts, **changes):
     """The run's settings with changes, writing checkpoints and metrics into out_dir/parts/."""
     out = os.path.join(cfg.out_dir, *parts)

@@ -549,10 +549,11 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def problem_line(p) -> str:
-    """--stage sample: the problem, its answer, and whether the model was trained on its kind."""
-    if p.level == OUTSIDE:
-        where = (f"outside the training levels ({', '.join(LEVELS)}): the model was never "
+def problem_line(p, trained=LEVELS) -> str:
+    """--stage sample: the problem, its answer, and whether the model was trained on its kind
+    (trained: the levels it was trained on)."""
+    if p.level == OUTSIDE or p.level not in trained:
+        where = (f"outside the training levels ({', '.join(trained)}): the model was never "
                  f"trained on a problem like it")
     else:
         where = f"level {p.level}, " + ("held out (never trained on)" if is_heldout(p.text) else

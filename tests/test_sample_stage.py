@@ -141,6 +141,18 @@ def test_problems_come_one_a_line_from_standard_input(ckpt, capsys, monkeypatch)
     assert sum(line.startswith("  ") for line in out) == 6
 
 
+@needs(*GENERATE, "rewards")
+def test_the_edge_level_is_a_training_level_only_for_a_model_trained_on_it(ckpt, capsys):
+    """47*85 has the shape of the edge level (mul2); the default run never trains on it."""
+    args = ["--prompt", "47*85", "--num_samples", "0", "--max_new_tokens", "4"]
+    head = next(line for line in ask(["--init_from", ckpt[0], *args], capsys)[1] if " | truth " in line)
+    assert "truth 3995 | outside the training levels (add2, add3, mul, multi)" in head
+    edge = ckpt[0].replace("model.pt", "edge.pt")
+    plumbing.save_checkpoint(edge, ckpt[1], nanor1.Config(edge_weight=0.1))
+    head = next(line for line in ask(["--init_from", edge, *args], capsys)[1] if " | truth " in line)
+    assert "truth 3995 | level mul2, held out" in head            # 47*85 is in the test set
+
+
 @pytest.mark.parametrize("args, stdin, says", [
     (["--prompt", "abc"], "", "--prompt 'abc': not a problem"),
     (["--prompt", ""], "", "--prompt '': not a problem"),
