@@ -3,10 +3,10 @@
 # reflective worked solutions (checks, retries) in pretraining; GRPO's reward is R1-Zero's, so
 # nothing pays for reflection itself. data/reflect.py counts what the model does with it.
 #
-#   bash aha.sh                  # one run, the flag set below, into out-aha/run/ (~6.5 min, 2 cores)
+#   bash aha.sh                  # one run, the flags below, into out-aha/run/ (~6.5 min, 2 cores)
 #   bash aha.sh --seed 3         # any nanor1.py flag passes through and overrides the set
-#   bash aha.sh experiment       # both arms (reflective / plain corpus) x seeds 0 1 2 (~40 min), then
-#                                # out-aha/aha.md and out-aha/aha.png (SEEDS="0 1" for fewer)
+#   bash aha.sh experiment       # both arms (reflective / plain corpus) x seeds 0 1 2 (~40 min),
+#                                # then out-aha/aha.md and out-aha/aha.png (SEEDS="0 1": fewer)
 #
 # Why these flags: rows of 256 tokens hold the longest reflective documents (a check and a redo
 # of a 3-operation solution: ~230 tokens), 16 of them keep a step at the default's 4096 tokens;

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from data import (LEVELS, is_heldout, reflective_solution, subset, test_set, training_problems,
                   worked_solutions)
+from data.reflect import COUNT_FIELDS, counts_vector
 from moe import KVCache, ModelConfig, Transformer
 import report
 from plumbing import (MODEL_STAGES, RECIPE_STAGES, UNLEARNED, Optimizers, Progress, accum_steps,
@@ -189,21 +190,23 @@ def draw_problems(rng: random.Random, n: int, levels=LEVELS) -> list:
 def pretrain_documents(cfg: Config, rng: random.Random):
     """Endless documents (token lists) ending in end-of-text, to learn to stop: a problem (levels
     mixed by --level_weights) with its answer, or its worked solution (probability think_frac),
-    a share of those reflective (--verify_frac, --retry_frac) where they fit a row. A planted
-    error's tokens are shifted by UNLEARNED (--mask_errors): the model reads them, and learns to
-    catch and redo them, but is never trained to write them (pack_rows)."""
-    problems, reflect = training_problems(rng, *run_levels(cfg)), cfg.verify_frac + cfg.retry_frac
+    a share of those reflective (--verify_frac, --retry_frac). A planted error's tokens are
+    shifted by UNLEARNED (--mask_errors): the model reads them, learns to catch and redo them, but
+    is never trained to write them (pack_rows)."""
+    problems = training_problems(rng, *run_levels(cfg))
+    reflect_share = cfg.verify_frac + cfg.retry_frac                # of the worked solutions
     while True:
         p = next(problems)
-        doc = encode(p.document(think := rng.random() < cfg.think_frac)) + [EOT]
-        if think and reflect and rng.random() < reflect:
-            form = "verify" if rng.random() * reflect < cfg.verify_frac else "retry"
+        think = rng.random() < cfg.think_frac
+        solution, errors = "", []                                   # "": the plain solution
+        if think and reflect_share and rng.random() < reflect_share:
+            form = "verify" if rng.random() * reflect_share < cfg.verify_frac else "retry"
             solution, errors = reflective_solution(p.ops, form, rng)
-            reflective = encode(p.document(True, solution)) + [EOT]
-            at = len(encode(p.prompt)) + 1                          # the solution's first token
-            for a, b in errors if cfg.mask_errors else []:          # one token per character
-                reflective[at + a:at + b] = [t + UNLEARNED for t in reflective[at + a:at + b]]
-            doc = reflective if len(reflective) <= cfg.block_size else doc
+        doc = encode(p.document(think, solution)) + [EOT]
+        if cfg.mask_errors and errors:
+            at = len(encode(p.prompt)) + 1          # the solution's first token, after <think>
+            for a, b in errors:                     # character spans: one token per character
+                doc[at + a:at + b] = [t + UNLEARNED for t in doc[at + a:at + b]]
         yield doc
 
 
@@ -391,15 +394,15 @@ def completion_text(tokens: torch.Tensor) -> str:
 @torch.no_grad()
 def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed: int = 0,
              force: str = "", shown: list = None) -> dict:
-    """-> {level and "overall": {accuracy, think_rate, mean_length, format, reflection (data/
-    reflect.py)}}, sharded over ranks.
+    """-> {level and "overall": {accuracy, think_rate, mean_length, format, reflection}}, sharded
+    over ranks (reflection: data/reflect.py's rates over the worked solutions).
     force="think" or "answer" starts every completion with that tag: the accuracy the model would
     have if it always thought, or always answered directly. shown: a list that gets this rank's
     completions, as records (for out_dir/samples.html)."""
     forced = {"": [], "think": [THINK], "answer": [ANSWER]}[force]
     rank, world = rank_and_world()
     items = [(li, p) for li, lvl in enumerate(tests) for p in tests[lvl]][rank::world]
-    sums = torch.zeros(len(tests), 5 + len(report.COUNT_FIELDS), dtype=torch.float64)
+    sums = torch.zeros(len(tests), 5 + len(COUNT_FIELDS), dtype=torch.float64)
     gen = torch.Generator(device=device).manual_seed(seed + rank)
     for i in range(0, len(items), cfg.eval_batch):
         chunk = items[i:i + cfg.eval_batch]
@@ -411,8 +414,8 @@ def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed:
         for (li, p), comp, n in zip(chunk, comps, lengths):
             text = enc.decode(forced) + completion_text(comp)   # the forced tag is its own
             acc, fmt = accuracy_reward(text, p.answer), format_reward(text)
-            sums[li] += torch.tensor([1, acc, text.startswith("<think>"), n, fmt]   # then its
-                                     + report.reflection_counts(text), dtype=torch.float64)
+            sums[li] += torch.tensor([1, acc, text.startswith("<think>"), n, fmt]
+                                     + counts_vector(text), dtype=torch.float64)   # reflection
             if shown is not None:
                 shown.append(dict(p.record(text), right=acc == 1.0, well_formed=fmt == 1.0))
     return report.level_rates(all_reduce_sum(sums.to(device)).cpu(), list(tests))

@@ -180,6 +180,8 @@ def validate(cfg):
         need(0.0 <= getattr(cfg, name) <= 1.0, name, "must be in [0, 1]")
     need(cfg.verify_frac + cfg.retry_frac <= 1.0, "retry_frac",
          f"plus --verify_frac={cfg.verify_frac} must be <= 1 (shares of the worked solutions)")
+    need(cfg.block_size >= 256 or not (cfg.verify_frac or cfg.retry_frac), "block_size",
+         "must be >= 256 with reflective worked solutions (up to ~235 tokens; bash aha.sh)")
     for name in POSITIVE:
         need(getattr(cfg, name) > 0, name, "must be > 0")
     for name in NON_NEGATIVE:

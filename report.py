@@ -12,7 +12,7 @@ import re
 import torch
 
 from data import ALL_LEVELS, EDGE_LEVEL, LEVELS, OUTSIDE, is_heldout
-from data.reflect import COUNT_FIELDS, RATE_FIELDS, completion_counts, reflection_rates
+from data.reflect import COUNT_FIELDS, RATE_FIELDS, counts_vector, reflection_rates
 from plumbing import all_reduce_sum, atomic_write, fmt_time, log_metrics, mfu, print0, write_json
 
 
@@ -20,12 +20,6 @@ def levels_line(res: dict) -> str:
     """An evaluation in one line: accuracy per level, then think rate and length overall."""
     return " | ".join(f"{k} {v['accuracy']:.2f}" for k, v in res.items()) + \
         f" | think {res['overall']['think_rate']:.2f} | len {res['overall']['mean_length']:.1f}"
-
-
-def reflection_counts(text: str) -> list:
-    """One completion's reflection counts (data/reflect.py), in COUNT_FIELDS order."""
-    counts = completion_counts(text)
-    return [counts[f] for f in COUNT_FIELDS]
 
 
 def _overall_rows(levels: list) -> list:
@@ -60,8 +54,7 @@ def sampled_reflection(problems: list, texts: list, levels: list, device) -> dic
     """Reflection in a GRPO step's sampled completions, per level and overall, over all ranks."""
     sums = torch.zeros(len(levels), 5 + len(COUNT_FIELDS), dtype=torch.float64)
     for p, text in zip(problems, texts):
-        sums[levels.index(p.level), 5:] += torch.tensor(reflection_counts(text),
-                                                        dtype=torch.float64)
+        sums[levels.index(p.level), 5:] += torch.tensor(counts_vector(text), dtype=torch.float64)
     sums[:, 0] = 1   # level_rates' n: unused here
     res = level_rates(all_reduce_sum(sums.to(device)).cpu(), levels)
     return {k: v["reflection"] for k, v in res.items()}
@@ -229,7 +222,7 @@ def finish_r1_zero(cfg, wall: dict, base: dict, sampled: dict, forced: dict, fin
                              for m, res in reflection.items()}
     summary["reflection"]["decoding"] = f"sampled T={cfg.temperature}, forced to think, 100/level"
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
-    make_plots(cfg, base, final)
+    make_plots(cfg, base, final, reflection)
     write_samples_page(cfg, shown or {})
     print0("\n" + summary_table(base, final or {}))
     if reflection:
@@ -289,35 +282,35 @@ def smooth_rates(ys: list, k: int = 10) -> list:
     return out
 
 
-def reflection_panels(samples_ax, heldout_ax, rl: list, ev: list, base: dict, smooth):
-    """The aha-moment panels: within worked solutions, how often the model reflects, catches its
-    own wrong claims, flags right ones and fixes what it flags, over GRPO steps (samples, with
-    their mean length; then greedy held-out, the base's at step 0), on the edge level if the
-    run has one, else overall."""
-    level = next((k for k in base if k not in LEVELS and k != "overall"), "overall")
+def reflection_panels(samples_ax, bars_ax, rl: list, reflection: dict, level: str, smooth):
+    """The aha-moment panels, on the edge level if the run has one, else overall: within worked
+    solutions, how often the model reflects, catches its own wrong claims, flags right ones and
+    fixes what it flags, over GRPO steps (its samples, with their mean length); then the same
+    rates for the base and the final model, sampled and forced to think (summary.json)."""
     names = {"reflect_rate": "reflect", "catch_rate": "catch", "false_alarm_rate": "false alarm",
              "fix_rate": "fix", "verdict_acc": "verdict acc"}
     steps = [r["step"] for r in rl]
-    samples_ax.plot(steps, smooth([r["length"] for r in rl]), color="C3", label="mean length")
+    samples_ax.plot(steps, smooth([r["length"] for r in rl]), color="gray", label="mean length")
     samples_ax.set(title=f"aha: reflection in sampled worked solutions ({level})",
                    xlabel="GRPO step", ylabel="tokens (all levels)")
     samples_ax.legend(loc="upper left")
     tw = samples_ax.twinx()
-    ev_steps, ev_res = [0] + [r["step"] for r in ev], [base] + [r["heldout"] for r in ev]
-    for field, name in names.items():
+    for field, name in list(names.items())[:3]:   # fix and verdict: too few cases a step
         ys = [r.get("reflection", {}).get(level, {}).get(field) for r in rl]
         tw.plot(steps, smooth_rates(ys), label=name, lw=1)
-        ys = [r[level].get("reflection", {}).get(field) for r in ev_res]
-        heldout_ax.plot(ev_steps, [float("nan") if y is None else y for y in ys], "o-",
-                        label=name)
     tw.set(ylabel="rate", ylim=(0, 1.05))
     tw.legend(loc="lower right", fontsize=8)
-    heldout_ax.set(title=f"aha: reflection, held-out greedy ({level})", xlabel="GRPO step",
-                   ylabel="rate", ylim=(0, 1.05))
-    heldout_ax.legend(fontsize=8)
+    xs = range(len(names))
+    for k, (model, res) in enumerate(reflection.items()):
+        r = res.get(level, {}).get("reflection", {})
+        bars_ax.bar([x + 0.4 * k - 0.2 for x in xs], [r.get(f) or 0.0 for f in names], 0.4,
+                    label=f"{model} (a missing rate: no cases)")
+    bars_ax.set(title=f"aha: reflection, sampled and forced to think ({level})",
+                xticks=list(xs), xticklabels=list(names.values()), ylim=(0, 1.05), ylabel="rate")
+    bars_ax.legend(fontsize=8)
 
 
-def make_plots(cfg, base: dict, final: dict):
+def make_plots(cfg, base: dict, final: dict, reflection: dict = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -327,7 +320,7 @@ def make_plots(cfg, base: dict, final: dict):
     ev = [r for r in rl if "heldout" in r]
     fig, grid = plt.subplots(2, 4, figsize=(21, 8.5))
     ax = [grid[0, 0], grid[0, 1], grid[0, 2], grid[1, 0], grid[1, 1], grid[1, 2], grid[0, 3],
-          grid[1, 3]]
+          grid[1, 3]]   # R1-Zero's six panels on the left, the aha moment's two on the right
     if pre:
         ax[0].plot([r["step"] for r in pre], [r["loss"] for r in pre])
         ax[0].set(title="pretraining loss", xlabel="step", ylabel="cross-entropy (nats/token)",
@@ -366,7 +359,8 @@ def make_plots(cfg, base: dict, final: dict):
         tw.set(ylabel="share of answers that think", ylim=(0, 1.05))
         ax[5].legend(loc="upper left")
         tw.legend(loc="lower right")
-        reflection_panels(ax[6], ax[7], rl, ev, base, smooth)
+        edge = next((k for k in base if k not in LEVELS and k != "overall"), "overall")
+        reflection_panels(ax[6], ax[7], rl, reflection or {}, edge, smooth)
     lv = [k for k in base if k != "overall"] + ["overall"]
     xs = range(len(lv))
     ax[3].bar([x - 0.2 for x in xs], [base[k]["accuracy"] for k in lv], 0.4,
@@ -603,12 +597,21 @@ def compare_arms(root: str):
     if not all(summaries.values()):
         raise SystemExit(f"error: {root} needs reflect-<seed>/ and plain-<seed>/ runs with a "
                          f"summary.json (bash aha.sh experiment)")
-    edge = next(k for k in summaries[ARMS[0]][0]["base"] if k not in LEVELS and k != "overall")
+    for arm in ARMS:
+        for d, s in zip(runs[arm], summaries[arm]):
+            if "final" not in s or "final" not in s.get("reflection", {}):
+                raise SystemExit(f"error: {d}: no GRPO result in its summary.json (a run of "
+                                 f"--stage all, as bash aha.sh experiment makes, is needed)")
+    edge = next((k for k in summaries[ARMS[0]][0]["base"] if k not in LEVELS and k != "overall"),
+                None)
+    if edge is None:
+        raise SystemExit(f"error: {root}: its runs have no edge level (--edge_weight 0)")
+    decoding = summaries[ARMS[0]][0]["reflection"].get("decoding", "sampled, forced to think")
     seeds = ", ".join(f"{a}: {len(summaries[a])} seed{'s' * (len(summaries[a]) > 1)}"
                       for a in ARMS)
     lines = [f"# The aha-moment experiment ({seeds})",
-             "", "Mean over seeds (min-max). Sampled at T=1, forced to think, 100 held-out problems"
-             " per level, before (base) and after GRPO (final); data/reflect.py's rates.", ""]
+             "", f"Mean over seeds (min-max). Held-out problems {decoding}, before (base) and "
+             "after GRPO (final); data/reflect.py's rates.", ""]
     for level in (edge, "overall"):
         lines += [f"## {level}", "", "| | " + " | ".join(f"{a} base | {a} final" for a in ARMS)
                   + " |", "|---" * (1 + 2 * len(ARMS)) + "|"]

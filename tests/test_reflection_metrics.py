@@ -127,7 +127,15 @@ def test_the_experiment_report_averages_seeds_as_a_hand_count_does(tmp_path):
 
 
 def test_the_experiment_report_says_what_it_needs(tmp_path):
-    r = subprocess.run([sys.executable, "report.py", "compare", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "needs reflect-<seed>/ and plain-<seed>/" in r.stderr
-    assert "Traceback" not in r.stderr
+    def compare():
+        r = subprocess.run([sys.executable, "report.py", "compare", str(tmp_path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        return r.stderr
+    assert "needs reflect-<seed>/ and plain-<seed>/" in compare()
+    fake_run(tmp_path, "reflect-0", 0, 0.2, 0.1, [0.5] * 3)
+    fake_run(tmp_path, "plain-0", 0, 0.0, 0.0, [0.0] * 3)
+    summary = json.loads((tmp_path / "plain-0" / "summary.json").read_text())
+    del summary["final"]                                           # --stage pretrain's summary
+    (tmp_path / "plain-0" / "summary.json").write_text(json.dumps(summary))
+    assert "plain-0: no GRPO result" in compare()

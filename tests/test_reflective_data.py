@@ -164,7 +164,8 @@ def test_aha_sh_flags_are_valid_and_make_rows_for_its_longest_documents():
     (["--verify_frac", "1.5"], "--verify_frac=1.5: must be in [0, 1]"),
     (["--verify_frac", "0.6", "--retry_frac", "0.6"], "must be <= 1"),
     (["--edge_weight", "-1"], "--edge_weight=-1.0: must be >= 0"),
-    (["--retry_frac", "nan"], "--retry_frac=nan: must be in [0, 1]")])
+    (["--retry_frac", "nan"], "--retry_frac=nan: must be in [0, 1]"),
+    (["--verify_frac", "0.1"], "--block_size=128: must be >= 256 with reflective worked solutions")])
 def test_bad_reflection_settings_are_one_line_errors(flags, says, capsys):
     with pytest.raises(SystemExit) as e:
         nanor1.parse_args(flags)
