@@ -55,15 +55,15 @@ from data import (LEVELS, is_heldout, reflective_solution, subset, test_set, tra
 from data.reflect import COUNT_FIELDS, counts_vector
 from moe import KVCache, ModelConfig, Transformer
 import report
-from plumbing import (MODEL_STAGES, RECIPE_STAGES, UNLEARNED, Optimizers, Progress, accum_steps,
+from plumbing import (MODEL_STAGES, RECIPE_STAGES, Optimizers, Progress, accum_steps,
                       all_reduce_sum, autocast, checkpoint_or_stop, clipped_step, export_hf,
                       grpo_rank_shares, install_signal_handlers, is_ddp, level_weights,
-                      load_base_model, load_stage_model, log_metrics, pack_rows, pad_left,
-                      peak_flops, prepare_out_dir, print0, rank_and_world, read_problems,
+                      load_base_model, load_stage_model, log_metrics, mark_unlearned, pack_rows,
+                      pad_left, peak_flops, prepare_out_dir, print0, rank_and_world, read_problems,
                       read_resume_checkpoint, read_sft_data, remember_resume_flags,
-                      restore_optimizer, run_levels, sample, save_checkpoint, setup, sft_rows,
-                      stage_cfg, start_metrics, student_config, teardown, trained_levels,
-                      training_loop, wrap_ddp, write_jsonl)
+                      response_lengths, restore_optimizer, run_levels, sample, save_checkpoint,
+                      setup, sft_rows, stage_cfg, start_metrics, student_config, teardown,
+                      trained_levels, training_loop, wrap_ddp, write_jsonl)
 from plumbing import parse_args as parse_flags
 from report import levels_line
 
@@ -185,14 +185,13 @@ def draw_problems(rng: random.Random, n: int, levels=LEVELS) -> list:
 
 # -----------------------------------------------------------------------------
 # Pretraining (DeepSeek-V3 sec 4 in miniature): next-token prediction on packed rows of
-# arithmetic documents, AdamW with warmup and cosine decay.
+# arithmetic documents, Muon and AdamW, warmup, constant, then a cosine decay.
 
 def pretrain_documents(cfg: Config, rng: random.Random):
     """Endless documents (token lists) ending in end-of-text, to learn to stop: a problem (levels
     mixed by --level_weights) with its answer, or its worked solution (probability think_frac),
-    a share of those reflective (--verify_frac, --retry_frac). A planted error's tokens are
-    shifted by UNLEARNED (--mask_errors): the model reads them, learns to catch and redo them, but
-    is never trained to write them (pack_rows)."""
+    a share of those reflective (--verify_frac, --retry_frac), whose planted error the model reads
+    but is never trained to write (--mask_errors: plumbing.mark_unlearned, pack_rows)."""
     problems = training_problems(rng, *run_levels(cfg))
     reflect_share = cfg.verify_frac + cfg.retry_frac                # of the worked solutions
     while True:
@@ -203,10 +202,8 @@ def pretrain_documents(cfg: Config, rng: random.Random):
             form = "verify" if rng.random() * reflect_share < cfg.verify_frac else "retry"
             solution, errors = reflective_solution(p.ops, form, rng)
         doc = encode(p.document(think, solution)) + [EOT]
-        if cfg.mask_errors and errors:
-            at = len(encode(p.prompt)) + 1          # the solution's first token, after <think>
-            for a, b in errors:                     # character spans: one token per character
-                doc[at + a:at + b] = [t + UNLEARNED for t in doc[at + a:at + b]]
+        if cfg.mask_errors:   # errors: character spans of the solution, one token per character
+            doc = mark_unlearned(doc, errors, at=len(encode(p.prompt)) + 1)   # + 1: <think>
         yield doc
 
 
@@ -376,11 +373,6 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature
     return out, mask, ~done
 
 
-def response_lengths(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
-    """Tokens of each response, its end-of-text not counted (a truncated one has none)."""
-    return mask.sum(1) - (~truncated).long()
-
-
 def completion_text(tokens: torch.Tensor) -> str:
     """Decode a completion up to (not including) its first end-of-text."""
     ids = tokens.tolist()
@@ -423,11 +415,10 @@ def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed:
 
 def ask(cfg: Config, device):
     """--stage sample: the model's greedy answer and num_samples sampled ones to each problem."""
-    model, path = load_stage_model(cfg, device, "final.pt")
-    trained = trained_levels(path, device)       # the edge level only if its run trained on it
+    model, _, run_config = load_stage_model(cfg, device, "final.pt")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     for p in read_problems(cfg, prompt_tokens, model.cfg.max_seq_len):
-        print(report.problem_line(p, trained))
+        print(report.problem_line(p, trained_levels(run_config)))
         for i, greedy in enumerate([True] + [False] * cfg.num_samples):   # 0: the greedy one
             comp = generate(model, [prompt_tokens(p)], cfg.max_new_tokens, cfg.temperature,
                             cfg.top_k, greedy, gen, autocast(cfg, device))[0][0]
@@ -731,7 +722,7 @@ def finish_stage(cfg: Config, name: str, seconds: float, model, tests: dict, dev
 def run_sft(cfg: Config, device, tests: dict):
     """--stage sft: fine-tune --init_from (default out_dir/base.pt) on --sft_data, or on
     cold_start worked solutions -> out_dir/sft/model.pt."""
-    model, _ = load_stage_model(cfg, device, "base.pt")
+    model, _, _ = load_stage_model(cfg, device, "base.pt")
     sub, t0 = stage_cfg(cfg, "sft"), time.time()
     if cfg.sft_data:
         records = read_sft_data(cfg.sft_data, is_heldout)
@@ -746,7 +737,7 @@ def run_sft(cfg: Config, device, tests: dict):
 def run_rejection(cfg: Config, device, tests: dict):
     """--stage rejection: rs_samples completions for each of rs_prompts fresh training problems
     from --init_from (default out_dir/final.pt) -> out_dir/rejection/traces.jsonl (--sft_data)."""
-    model, _ = load_stage_model(cfg, device, "final.pt")
+    model, _, _ = load_stage_model(cfg, device, "final.pt")
     sub, t0 = stage_cfg(cfg, "rejection"), time.time()
     problems = draw_problems(random.Random(f"{cfg.seed}-rejection"), cfg.rs_prompts)   # fresh ones
     traces = rejection_sample(cfg, model, problems, cfg.rs_samples, device, cfg.seed,
@@ -758,7 +749,7 @@ def run_rejection(cfg: Config, device, tests: dict):
 def run_r1(cfg: Config, device, tests: dict):
     """--stage r1: DeepSeek-R1's four stages from the pretrained base (--init_from, default
     out_dir/base.pt), each in out_dir/r1/<stage>/; each RL stage runs r1_grpo_steps GRPO steps."""
-    base, _ = load_stage_model(cfg, device, "base.pt")
+    base, _, _ = load_stage_model(cfg, device, "base.pt")
     stages = []
     # 1) cold start: SFT on worked solutions, so that RL starts from a model that already thinks
     sub, t0 = stage_cfg(cfg, "r1", "cold_start_sft"), time.time()
@@ -796,7 +787,7 @@ def run_distill(cfg: Config, device, tests: dict):
     (a) trained with GRPO for as long as (b), fine-tuning it on the teacher's rejection-sampled
     traces, takes to sample them and fine-tune (the teacher's training is not counted, as in the
     paper). Teacher: --init_from, default out_dir/final.pt. Writes out_dir/distill/<stage>/."""
-    teacher, teacher_path = load_stage_model(cfg, device, "final.pt")
+    teacher, teacher_path, _ = load_stage_model(cfg, device, "final.pt")
     torch.manual_seed(cfg.seed)
     base = Transformer(student_config(teacher.cfg, cfg.student_dim, cfg.student_layers)).to(device)
     print0(f"student: {report.params(base)}, teacher {teacher.num_params() / 1e6:.2f}M")

@@ -302,6 +302,12 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def response_lengths(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """Tokens of each response (mask: 1 up to its first end-of-text), that end-of-text not
+    counted (a truncated response has none)."""
+    return mask.sum(1) - (~truncated).long()
+
+
 def pad_left(seqs: list, pad: int, device):
     """Token lists -> tokens (B, P) left-padded with pad, key_mask (B, P) False on the padding."""
     P = max(len(s) for s in seqs)
@@ -329,6 +335,13 @@ def sft_rows(examples: list, pad: int):
 
 
 UNLEARNED = 1 << 20   # a document token t + UNLEARNED: the input t, never a target (pack_rows)
+
+
+def mark_unlearned(doc: list, spans: list, at: int) -> list:
+    """doc with the tokens of each (start, end) span, counted from position at, marked UNLEARNED."""
+    for a, b in spans:
+        doc[at + a:at + b] = [t + UNLEARNED for t in doc[at + a:at + b]]
+    return doc
 
 
 def pack_rows(docs, queue: list, rows: int, block_size: int, eot: int):
@@ -509,11 +522,10 @@ def load_checkpoint(path, device):
     return model, ckpt
 
 
-def trained_levels(path: str, device) -> list:
-    """The levels the run that wrote checkpoint path trained on (its --edge_weight says whether
-    the edge level was one)."""
-    trained = read_checkpoint(path, device)["config"]
-    return list(LEVELS) + ([EDGE_LEVEL] if trained.get("edge_weight", 0) > 0 else [])
+def trained_levels(run_config: dict) -> list:
+    """The levels a run trained on, from its settings (a checkpoint's "config"): its
+    --edge_weight says whether the edge level was one."""
+    return list(LEVELS) + ([EDGE_LEVEL] if run_config.get("edge_weight", 0) > 0 else [])
 
 
 def stage_cfg(cfg, *parts, **changes):
@@ -538,11 +550,12 @@ def load_base_model(cfg, device, resume_grpo=None):
 
 
 def load_stage_model(cfg, device, default: str):
-    """--init_from, or out_dir/default -> (model, its path)."""
+    """--init_from, or out_dir/default -> (model, its path, the settings of the run that saved
+    it)."""
     path = cfg.init_from or os.path.join(cfg.out_dir, default)
-    model, _ = load_checkpoint(path, device)
+    model, ckpt = load_checkpoint(path, device)
     print0(f"loaded {path} ({model.num_params() / 1e6:.2f}M params)")
-    return model, path
+    return model, path, ckpt["config"]
 
 
 def read_sft_data(path: str, is_heldout) -> list:

@@ -345,6 +345,14 @@ def parse_problem(text: str) -> Problem:
     return Problem(OUTSIDE, text, answer, "")
 
 
+def digits_end(text: str, pos: int) -> int:
+    """Where the run of ASCII digits at text[pos:] ends ("٣" or "³" is not a digit here): the one
+    number scanner of both parsers, this one and data/reflect.py's."""
+    while pos < len(text) and text[pos] in "0123456789":
+        pos += 1
+    return pos
+
+
 def _parse_expression(text: str) -> int:
     """The value of text (no spaces) under the grammar above, or ValueError saying where not."""
     pos = 0
@@ -364,9 +372,7 @@ def _parse_expression(text: str) -> int:
                 fail("+, -, * or )")
             pos += 1
             return value
-        start = pos
-        while pos < len(text) and text[pos] in "0123456789":   # ASCII digits only
-            pos += 1
+        start, pos = pos, digits_end(text, pos)
         if pos == start:
             fail("a number or (")
         return int(text[start:pos])

@@ -41,7 +41,7 @@ DeepSeek-R1's analysis counted as reflective (Nature 2025, extended data), for c
 import re
 from typing import NamedTuple
 
-from .arith import column_steps
+from .arith import column_steps, digits_end
 
 COUNT_FIELDS = ("n", "thinking", "parsed", "reflective", "keyword", "right", "wrong",
                 "right_flagged", "wrong_flagged", "flagged", "fixed", "checks", "verdict_right")
@@ -97,9 +97,7 @@ def parse_trace(trace: str) -> list:
 
     def number():
         nonlocal pos
-        start = pos
-        while pos < len(trace) and trace[pos] in "0123456789":   # ASCII digits only
-            pos += 1
+        start, pos = pos, digits_end(trace, pos)
         if pos == start:
             fail("a number")
         if pos - start > MAX_DIGITS:
