@@ -104,6 +104,7 @@ class Config:
     warmup_steps: int = 40
     weight_decay: float = 0.1  # on matrices only
     optimizer: str = "muon"    # muon (hidden matrices; AdamW for the rest) | adamw
+    embed_lr_mult: float = 3.0  # with muon: the embedding and head learn at lr x this
     grad_clip: float = 1.0
     log_every: int = 100
     eval_every: int = 200   # quick held-out eval during pretraining (0 = never)
@@ -226,19 +227,24 @@ def lr_at(step: int, total: int, cfg: Config, base_lr: float) -> float:
     return base_lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * cosine)
 
 
-def make_optimizer(model, lr, weight_decay, device, muon: bool = False):
+def make_optimizer(model, lr, weight_decay, device, muon: bool = False, embed_lr_mult=1.0):
     """AdamW; weight decay on the matrices only (not on norms, which would pull them to 0).
     muon: the hidden matrices (attention, FFNs, experts) take Muon instead, which orthogonalises
     each momentum update by Newton-Schulz (Jordan et al. 2024; Kimi's Moonlight scales it to
     AdamW's update size, match_rms_adamw, so one lr serves both); AdamW keeps the embedding, the
-    head, the norms and the router (the matrices that are not inside the computation)."""
+    head, the norms and the router (the matrices that are not inside the computation), the
+    embedding and head at lr * embed_lr_mult (as modded-nanogpt's embeddings, they learn faster)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in params if muon and p.dim() == 2 and n.startswith("layers.")
               and ".gate." not in n]
-    muon_ids = {id(p) for p in hidden}
-    decay = [p for n, p in params if p.dim() >= 2 and id(p) not in muon_ids]
+    outer = [p for n, p in params if muon and n in ("embed.weight", "head.weight")]
+    special = {id(p) for p in hidden + outer}
+    decay = [p for n, p in params if p.dim() >= 2 and id(p) not in special]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if outer:   # clipped_step sets each group's lr to the schedule's times its lr_mult
+        groups.append({"params": outer, "weight_decay": weight_decay, "lr_mult": embed_lr_mult,
+                       "lr": lr * embed_lr_mult})
     adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
                               fused=device.type == "cuda")
     if not hidden:
@@ -257,7 +263,8 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
     def batch(step, micro):
         seed = f"{cfg.seed}-pretrain-{step}-{rank * accum + micro}"
         return next(pretrain_batches(cfg, random.Random(seed), rows))
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device, cfg.optimizer == "muon")
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device, cfg.optimizer == "muon",
+                         cfg.embed_lr_mult)
     start = restore_optimizer(opt, resume)
     ddp = wrap_ddp(model, device)
     fwd = torch.compile(ddp) if cfg.compile else ddp

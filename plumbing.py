@@ -197,6 +197,7 @@ def validate(cfg):
     need(cfg.group_size >= 2, "group_size",
          "must be >= 2 (advantages compare completions of a prompt)")
     need(cfg.lr > 0, "lr", "must be > 0")
+    need(cfg.embed_lr_mult > 0, "embed_lr_mult", "must be > 0")
     need(cfg.grpo_lr > 0, "grpo_lr", "must be > 0")
     need(cfg.grad_clip > 0, "grad_clip",
          "must be > 0 (the gradient norm is clipped to it; 0 would zero it)")
@@ -913,7 +914,7 @@ def clipped_step(cfg, model, opt, lr: float, loss: float, stage: str, step: int,
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     check_finite(cfg, stage, step, total, loss, norm.item(), lr_flag)
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 

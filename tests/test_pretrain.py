@@ -331,6 +331,31 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
 
 
 @pytest.mark.rmsnorm_rope
+def test_the_embedding_and_head_step_at_embed_lr_mult_times_the_lr():
+    """With Muon, the embedding and the head take lr * embed_lr_mult, every other AdamW parameter
+    the scheduled lr: checked by Adam's first step, which moves each weight by lr * g/(|g| + eps),
+    i.e. by the lr itself for any gradient far above eps (no weight decay here). The multiplier
+    survives clipped_step, which sets every group's lr from the schedule each step."""
+    model = small_trained_model()
+    opt = nanor1.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), muon=True, embed_lr_mult=3.0)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p).sign() * (0.5 + torch.rand_like(p))   # |g| in [0.5, 1.5]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = nanor1.Config(grad_clip=1e9)
+    plumbing.clipped_step(cfg, model, opt, 2e-3, 1.0, "pretrain", 1, 10, "--lr")
+    moved = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters()}
+    for n in ("embed.weight", "head.weight"):
+        torch.testing.assert_close(moved[n], torch.full_like(moved[n], 6e-3), rtol=1e-4, atol=0)
+    norm = next(n for n in moved if n.endswith("attn_norm.weight") or n.endswith("norm.weight"))
+    torch.testing.assert_close(moved[norm], torch.full_like(moved[norm], 2e-3), rtol=1e-4, atol=0)
+    gate = next(n for n in moved if ".gate.weight" in n)
+    torch.testing.assert_close(moved[gate], torch.full_like(moved[gate], 2e-3), rtol=1e-4, atol=0)
+    plain = nanor1.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), embed_lr_mult=3.0)
+    assert {g["lr"] for g in plain.param_groups} == {1e-2}   # AdamW alone (GRPO, SFT): one lr
+
+
+@pytest.mark.rmsnorm_rope
 def test_a_checkpoint_of_muon_and_adamw_restores_both(tmp_path):
     """The two optimizers save and load as one state dict (plumbing.Optimizers): after a restore,
     the next step of a fresh optimizer equals the next step of the original, for both halves.
