@@ -883,9 +883,11 @@ def main(argv=None):
               for f in ("think", "answer")}
     print0("held-out (greedy, 100/level) forced to think:    " + levels_line(forced["think"]))
     print0("held-out (greedy, 100/level) forced to answer:   " + levels_line(forced["answer"]))
-    # reflection shows in sampled worked solutions (data/reflect.py); greedy ones are plain
+    # reflection shows in sampled worked solutions (data/reflect.py); greedy ones are plain. Runs
+    # whose corpus has none (the default) skip these two evaluations; GRPO logs it at every step
+    aha = cfg.verify_frac + cfg.retry_frac + cfg.edge_weight > 0
     reflection = {"base": evaluate(model, subset(tests, 100), cfg, device, False, cfg.seed,
-                                   "think")}
+                                   "think")} if aha else {}
 
     # 3) GRPO from the base, with the base frozen as the KL reference; then the result
     final = None
@@ -900,8 +902,9 @@ def main(argv=None):
                             step=cfg.grpo_steps)
         final = evaluate(model, tests, cfg, device, shown=shown["final"])
         print0(f"held-out (greedy, {cfg.n_test}/level) after GRPO:  " + levels_line(final))
-        reflection["final"] = evaluate(model, subset(tests, 100), cfg, device, False, cfg.seed,
-                                       "think")
+        if aha:
+            reflection["final"] = evaluate(model, subset(tests, 100), cfg, device, False,
+                                           cfg.seed, "think")
     wall["total"] = time.time() - t0
     if rank == 0:
         report.finish_r1_zero(cfg, wall, base, sampled, forced, final, shown, reflection)

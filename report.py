@@ -217,10 +217,13 @@ def finish_r1_zero(cfg, wall: dict, base: dict, sampled: dict, forced: dict, fin
     if final:
         summary["final"] = levels_summary(final)
     # within worked solutions: the base and the final model, forced to think and sampled, alike
-    summary["reflection"] = {m: {k: dict(v["reflection"], accuracy=v["accuracy"],
-                                         mean_length=v["mean_length"]) for k, v in res.items()}
-                             for m, res in reflection.items()}
-    summary["reflection"]["decoding"] = f"sampled T={cfg.temperature}, forced to think, 100/level"
+    # (runs with reflective data or the edge level; main skips them in the others)
+    if reflection:
+        summary["reflection"] = {m: {k: dict(v["reflection"], accuracy=v["accuracy"],
+                                             mean_length=v["mean_length"])
+                                     for k, v in res.items()} for m, res in reflection.items()}
+        summary["reflection"]["decoding"] = (f"sampled T={cfg.temperature}, forced to think, "
+                                             "100/level")
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     make_plots(cfg, base, final, reflection)
     write_samples_page(cfg, shown or {})
@@ -307,7 +310,11 @@ def reflection_panels(samples_ax, bars_ax, rl: list, reflection: dict, level: st
                     label=f"{model} (a missing rate: no cases)")
     bars_ax.set(title=f"aha: reflection, sampled and forced to think ({level})",
                 xticks=list(xs), xticklabels=list(names.values()), ylim=(0, 1.05), ylabel="rate")
-    bars_ax.legend(fontsize=8)
+    if reflection:
+        bars_ax.legend(fontsize=8)
+    else:
+        bars_ax.text(0.5, 0.5, "not measured: this run's corpus has no\nreflective worked "
+                     "solutions (bash aha.sh has)", ha="center", transform=bars_ax.transAxes)
 
 
 def make_plots(cfg, base: dict, final: dict, reflection: dict = None):
