@@ -59,6 +59,7 @@ from plumbing import (MODEL_STAGES, RECIPE_STAGES, Optimizers, Progress, accum_s
                       all_reduce_sum, autocast, checkpoint_or_stop, clipped_step, export_hf,
                       grpo_rank_shares, install_signal_handlers, is_ddp, level_weights,
                       load_base_model, load_stage_model, log_metrics, mark_unlearned, pack_rows,
+                      pack_sequences,
                       pad_left, peak_flops, prepare_out_dir, print0, rank_and_world, read_problems,
                       read_resume_checkpoint, read_sft_data, remember_resume_flags,
                       response_lengths, restore_optimizer, run_levels, sample, save_checkpoint,
@@ -510,16 +511,19 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low: float = 0.2,
 # -----------------------------------------------------------------------------
 # The GRPO trainer (DeepSeekMath Algorithm 1, with pi_ref frozen at the base as in R1-Zero)
 
-def sequence_logprobs(model, tokens, key_mask, P: int, autocast_ctx):
-    """log pi(completion token | everything before) for tokens[:, P:]: (B, L); also entropy
-    (B, L) and the model's balance loss."""
+def sequence_logprobs(model, tokens, key_mask, P: int, comp_mask, autocast_ctx):
+    """log pi(completion token | everything before) for tokens[:, P:] up to each completion's end
+    (comp_mask), 0 after it: (B, L); also entropy (B, L) and the model's balance loss. The model
+    runs on the sequences packed into rows without their padding (plumbing.pack_sequences): the
+    same numbers, as attention never leaves a sequence, on about half the tokens."""
+    x, doc_ids, at, valid = pack_sequences(tokens, key_mask, P, comp_mask)
     with autocast_ctx:
-        logits, aux = model(tokens[:, :-1], key_mask=key_mask[:, :-1])
-    logits = logits[:, P - 1:].float()                             # predictions of tokens[:, P:]
+        logits, aux = model(x, doc_ids=doc_ids)
+    logits = logits.flatten(0, 1)[at].float()                 # (B, L, V): predictions of tokens[:, P:]
     logprobs = logits.log_softmax(-1)
     logp = logprobs.gather(-1, tokens[:, P:].unsqueeze(-1)).squeeze(-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return logp, entropy, aux
+    return logp.masked_fill(~valid, 0.0), entropy.masked_fill(~valid, 0.0), aux
 
 
 def policy_update(cfg: Config, model, ddp, ref, opt, prompts: list, comps, comp_mask, advantages,
@@ -534,7 +538,7 @@ def policy_update(cfg: Config, model, ddp, ref, opt, prompts: list, comps, comp_
     stats, loads = {"clip_frac": 0.0, "kl": 0.0, "loss": 0.0, "entropy": 0.0}, None
     if rows is None:   # no rank kept a completion: no update this step
         return stats, loads
-    inputs = (tokens[rows], key_mask[rows], prompt_tok.size(1), ctx)
+    inputs = (tokens[rows], key_mask[rows], prompt_tok.size(1), comp_mask[rows], ctx)
     mask, adv = comp_mask[rows], advantages.to(device)[rows]
     with torch.no_grad():
         ref_logp = sequence_logprobs(ref, *inputs)[0] if cfg.beta else None

@@ -320,6 +320,36 @@ def pad_left(seqs: list, pad: int, device):
     return tokens.to(device), mask.to(device)
 
 
+def pack_sequences(tokens, key_mask, P: int, comp_mask):
+    """GRPO's batch without its padding, for sequence_logprobs. tokens (B, P + L): prompts
+    left-padded (key_mask False on the padding), completions after them, each up to its end where
+    comp_mask (B, L) is True. -> x (R, W): rows of whole sequences (prompt, then completion but its
+    last token, which predicts nothing), placed first fit by decreasing length, W the longest;
+    doc_ids (R, W): attention stays inside a sequence (the padding has an id of its own); at (B, L):
+    the flat position in x whose prediction is completion token t of sequence i (0 past its end);
+    valid (B, L) = comp_mask."""
+    B, L = comp_mask.shape
+    starts = (P - key_mask[:, :P].sum(1)).tolist()            # each prompt's first token
+    ends = (P + comp_mask.sum(1)).tolist()                    # one past its completion's end
+    lens = [e - 1 - s for s, e in zip(starts, ends)]
+    W, fill, place = max(lens), [], [None] * B
+    for i in sorted(range(B), key=lambda i: -lens[i]):
+        r = next((r for r, used in enumerate(fill) if used + lens[i] <= W), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        place[i], fill[r] = (r, fill[r]), fill[r] + lens[i]
+    x = torch.zeros(len(fill), W, dtype=tokens.dtype, device=tokens.device)
+    doc_ids = torch.full_like(x, B)
+    at = torch.zeros(B, L, dtype=torch.long)
+    for i, ((r, off), s, n) in enumerate(zip(place, starts, lens)):
+        x[r, off:off + n] = tokens[i, s:s + n]
+        doc_ids[r, off:off + n] = i
+        first = r * W + off + (P - s) - 1          # the input position that predicts tokens[i, P]
+        c = ends[i] - P
+        at[i, :c] = torch.arange(first, first + c)
+    return x, doc_ids, at.to(tokens.device), comp_mask.bool()
+
+
 def sft_rows(examples: list, pad: int):
     """SFT's batch: (prompt tokens, completion tokens) pairs -> x, y (B, T): prompt + completion,
     right-padded with pad (causal: it changes nothing before it); y[t] is the next token where it

@@ -387,9 +387,11 @@ def sharp_tiny_model(seed=0):
 def test_sequence_logprobs_are_the_predictions_of_the_completion_tokens():
     """With left-padded prompts and the key mask as grpo builds them, logp[i, t] is log pi of
     completion token t given the prompt and the completion before it, and entropy[i, t] the entropy
-    of that prediction: the model run one prefix at a time, unpadded, taking the last position.
-    Guards against each completion token scored at the wrong position (as the input at its own
-    position, e.g. logits[:, P:] instead of logits[:, P-1:])."""
+    of that prediction, up to the completion's first end-of-text (its mask); both 0 after it: the
+    model run one prefix at a time, unpadded, taking the last position. Guards against each
+    completion token scored at the wrong position (as the input at its own position, e.g.
+    logits[:, P:] instead of logits[:, P-1:]), and against the packing of the sequences into rows
+    (plumbing.pack_sequences) letting one sequence see another or misplacing one."""
     model = sharp_tiny_model()
     rng = random.Random(0)
     prompts = [nanor1.prompt_tokens(data.make_problem(lvl, rng)) for lvl in data.LEVELS for _ in range(2)]
@@ -403,11 +405,16 @@ def test_sequence_logprobs_are_the_predictions_of_the_completion_tokens():
     P = prompt_tok.size(1)
     tokens = torch.cat([prompt_tok, comps], 1)
     key_mask = torch.cat([prompt_mask, torch.ones_like(comps, dtype=torch.bool)], 1)
+    is_eot = (comps == EOT).int()
+    comp_mask = (is_eot.cumsum(1) - is_eot) == 0           # as generate: up to the first EOT
     with torch.no_grad():
-        logp, entropy, _ = nanor1.sequence_logprobs(model, tokens, key_mask, P, contextlib.nullcontext())
+        logp, entropy, _ = nanor1.sequence_logprobs(model, tokens, key_mask, P, comp_mask,
+                                                    contextlib.nullcontext())
     assert logp.shape == entropy.shape == (len(prompts), L)
+    assert not comp_mask.all() and comp_mask.any(1).all()
+    assert (logp[~comp_mask] == 0).all() and (entropy[~comp_mask] == 0).all()
     for i, p in enumerate(prompts):
-        for t in range(L):
+        for t in range(int(comp_mask[i].sum())):
             with torch.no_grad():
                 last = model(torch.tensor([p + comps[i, :t].tolist()]))[0][0, -1].double()
             lp = last.log_softmax(-1)
