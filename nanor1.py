@@ -118,6 +118,7 @@ class Config:
     temperature: float = 1.0
     top_k: int = 0              # 0 = sample from the full distribution
     grpo_lr: float = 1e-4
+    grpo_head_lr_mult: float = 3.0  # the output head learns at grpo_lr x this
     mu: int = 1                 # policy updates per rollout batch
     clip_low: float = 0.2       # ratio clipped to [1-clip_low, 1+clip_high]
     clip_high: float = 0.2      # DAPO's clip-higher uses e.g. 0.28
@@ -228,24 +229,23 @@ def lr_at(step: int, total: int, cfg: Config, base_lr: float) -> float:
     return base_lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * cosine)
 
 
-def make_optimizer(model, lr, weight_decay, device, muon: bool = False, embed_lr_mult=1.0):
+def make_optimizer(model, lr, weight_decay, device, muon: bool = False, lr_mult: dict = None):
     """AdamW; weight decay on the matrices only (not on norms, which would pull them to 0).
     muon: the hidden matrices (attention, FFNs, experts) take Muon instead, which orthogonalises
     each momentum update by Newton-Schulz (Jordan et al. 2024; Kimi's Moonlight scales it to
     AdamW's update size, match_rms_adamw, so one lr serves both); AdamW keeps the embedding, the
-    head, the norms and the router (the matrices that are not inside the computation), the
-    embedding and head at lr * embed_lr_mult (as modded-nanogpt's embeddings, they learn faster)."""
+    head, the norms and the router (the matrices that are not inside the computation).
+    lr_mult: {parameter name: x} for AdamW parameters that learn at lr * x (see pretrain, grpo)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in params if muon and p.dim() == 2 and n.startswith("layers.")
               and ".gate." not in n]
-    outer = [p for n, p in params if muon and n in ("embed.weight", "head.weight")]
-    special = {id(p) for p in hidden + outer}
-    decay = [p for n, p in params if p.dim() >= 2 and id(p) not in special]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if outer:   # clipped_step sets each group's lr to the schedule's times its lr_mult
-        groups.append({"params": outer, "weight_decay": weight_decay, "lr_mult": embed_lr_mult,
-                       "lr": lr * embed_lr_mult})
+    mult, in_muon = lr_mult or {}, {id(p) for p in hidden}
+    rest = [(n, p) for n, p in params if n not in mult and id(p) not in in_muon]
+    groups = [{"params": [p for n, p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for n, p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    # clipped_step sets each group's lr to the schedule's times its lr_mult
+    groups += [{"params": [p], "weight_decay": weight_decay if p.dim() >= 2 else 0.0,
+                "lr": lr * mult[n], "lr_mult": mult[n]} for n, p in params if n in mult]
     adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
                               fused=device.type == "cuda")
     if not hidden:
@@ -264,8 +264,9 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
     def batch(step, micro):
         seed = f"{cfg.seed}-pretrain-{step}-{rank * accum + micro}"
         return next(pretrain_batches(cfg, random.Random(seed), rows))
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device, cfg.optimizer == "muon",
-                         cfg.embed_lr_mult)
+    muon = cfg.optimizer == "muon"   # and with it, the embedding and head learn faster
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device, muon, lr_mult=dict.fromkeys(
+        ("embed.weight", "head.weight"), cfg.embed_lr_mult) if muon else None)
     start = restore_optimizer(opt, resume)
     ddp = wrap_ddp(model, device)
     fwd = torch.compile(ddp) if cfg.compile else ddp
@@ -519,7 +520,7 @@ def sequence_logprobs(model, tokens, key_mask, P: int, comp_mask, autocast_ctx):
     x, doc_ids, at, valid = pack_sequences(tokens, key_mask, P, comp_mask)
     with autocast_ctx:
         logits, aux = model(x, doc_ids=doc_ids)
-    logits = logits.flatten(0, 1)[at].float()                 # (B, L, V): predictions of tokens[:, P:]
+    logits = logits.flatten(0, 1)[at].float()              # (B, L, V): predicting tokens[:, P:]
     logprobs = logits.log_softmax(-1)
     logp = logprobs.gather(-1, tokens[:, P:].unsqueeze(-1)).squeeze(-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
@@ -569,7 +570,9 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
     continue from; max_seconds > 0: stop after the step that reaches this wall time."""
     n_prompts, G, total = cfg.prompts_per_step // world, cfg.group_size, cfg.grpo_steps
     gen = torch.Generator(device=device)
-    opt = make_optimizer(model, cfg.grpo_lr, 0.0, device)
+    # the head faster: the first token's choice (think or answer) moves by at most ~lr per weight
+    opt = make_optimizer(model, cfg.grpo_lr, 0.0, device,
+                         lr_mult={"head.weight": cfg.grpo_head_lr_mult})
     start = restore_optimizer(opt, resume)
     ddp = wrap_ddp(model, device)
     ref.eval().requires_grad_(False)

@@ -337,7 +337,8 @@ def test_the_embedding_and_head_step_at_embed_lr_mult_times_the_lr():
     i.e. by the lr itself for any gradient far above eps (no weight decay here). The multiplier
     survives clipped_step, which sets every group's lr from the schedule each step."""
     model = small_trained_model()
-    opt = nanor1.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), muon=True, embed_lr_mult=3.0)
+    opt = nanor1.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), muon=True,
+                                lr_mult={"embed.weight": 3.0, "head.weight": 3.0})
     torch.manual_seed(0)
     for p in model.parameters():
         p.grad = torch.randn_like(p).sign() * (0.5 + torch.rand_like(p))   # |g| in [0.5, 1.5]
@@ -351,8 +352,8 @@ def test_the_embedding_and_head_step_at_embed_lr_mult_times_the_lr():
     torch.testing.assert_close(moved[norm], torch.full_like(moved[norm], 2e-3), rtol=1e-4, atol=0)
     gate = next(n for n in moved if ".gate.weight" in n)
     torch.testing.assert_close(moved[gate], torch.full_like(moved[gate], 2e-3), rtol=1e-4, atol=0)
-    plain = nanor1.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), embed_lr_mult=3.0)
-    assert {g["lr"] for g in plain.param_groups} == {1e-2}   # AdamW alone (GRPO, SFT): one lr
+    plain = nanor1.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"))
+    assert {g["lr"] for g in plain.param_groups} == {1e-2}   # no multipliers (SFT): one lr
 
 
 @pytest.mark.rmsnorm_rope
