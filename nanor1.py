@@ -58,9 +58,9 @@ import report
 from plumbing import (MODEL_STAGES, RECIPE_STAGES, Optimizers, Progress, accum_steps,
                       all_reduce_sum, autocast, checkpoint_or_stop, clipped_step, export_hf,
                       grpo_rank_shares, install_signal_handlers, is_ddp, level_weights,
-                      load_base_model, load_stage_model, log_metrics, mark_unlearned, pack_rows,
-                      pack_sequences,
-                      pad_left, peak_flops, prepare_out_dir, print0, rank_and_world, read_problems,
+                      epoch_batches, load_base_model, load_stage_model, log_metrics,
+                      mark_unlearned, pack_rows, pack_sequences, pad_left, peak_flops,
+                      prepare_out_dir, print0, rank_and_world, read_problems,
                       read_resume_checkpoint, read_sft_data, remember_resume_flags,
                       response_lengths, restore_optimizer, run_levels, sample, save_checkpoint,
                       setup, sft_rows, stage_cfg, start_metrics, student_config, teardown,
@@ -245,7 +245,8 @@ def make_optimizer(model, lr, weight_decay, device, muon: bool = False, lr_mult:
               {"params": [p for n, p in rest if p.dim() < 2], "weight_decay": 0.0}]
     # clipped_step sets each group's lr to the schedule's times its lr_mult
     groups += [{"params": [p], "weight_decay": weight_decay if p.dim() >= 2 else 0.0,
-                "lr": lr * mult[n], "lr_mult": mult[n]} for n, p in params if n in mult]
+                "lr": lr * mult[n], "lr_mult": mult[n]} for n, p in params
+               if n in mult and id(p) not in in_muon]
     adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
                               fused=device.type == "cuda")
     if not hidden:
@@ -659,28 +660,21 @@ def sft(cfg: Config, model: Transformer, examples: list, steps: int, lr: float, 
     opt = make_optimizer(model, lr, cfg.weight_decay, device)
     schedule = dataclasses.replace(cfg, warmup_steps=min(cfg.warmup_steps, steps // 10),
                                    decay_frac=1.0)
-    rng, order, ctx = random.Random(f"{cfg.seed}-{name}"), [], autocast(cfg, device)
+    batches = epoch_batches(examples, cfg.sft_batch, random.Random(f"{cfg.seed}-{name}"))
     print0(f"{name}: {len(examples)} examples, {steps} steps x {cfg.sft_batch}, lr {lr}, "
            f"completion tokens only")
     model.train()
     progress, losses = Progress(cfg, name, steps, max(1, min(cfg.log_every, steps // 10))), []
     for step in range(steps):
-        while len(order) < cfg.sft_batch:                          # the next epoch, reshuffled
-            perm = list(range(len(examples)))
-            rng.shuffle(perm)
-            order += perm
-        batch, order = [examples[i] for i in order[:cfg.sft_batch]], order[cfg.sft_batch:]
         lr_now = lr_at(step, steps, schedule, lr)
-        x, y = (t.to(device) for t in sft_rows(batch, EOT))   # completion tokens are targets
-        loss, aux = sft_loss(model, x, y, ctx)
+        x, y = (t.to(device) for t in sft_rows(next(batches), EOT))   # completions are targets
+        loss, aux = sft_loss(model, x, y, autocast(cfg, device))
         (loss + aux).backward()
         clipped_step(cfg, model, opt, lr_now, loss.item(), name, step + 1, steps, "--sft_lr")
         model.update_router_biases()
         losses.append(loss.item())
         if progress.due(step + 1):
-            dt, loss_avg = progress.seconds_per_step(step + 1), sum(losses) / len(losses)
-            progress.line(step + 1, f"loss {loss_avg:.3f} | lr {lr_now:.1e} | {1000 * dt:.0f}ms")
-            log_metrics(cfg, {"stage": name, "step": step + 1, "loss": loss_avg, "lr": lr_now})
+            report.log_sft_step(cfg, progress, name, step + 1, losses, lr_now)
             losses = []
     return model
 

@@ -351,6 +351,19 @@ def pack_sequences(tokens, key_mask, P: int, comp_mask):
     return x, doc_ids, at.to(tokens.device), comp_mask.bool()
 
 
+def epoch_batches(examples: list, size: int, rng):
+    """Endless batches of size examples, epoch after epoch, each epoch in a fresh shuffle (an
+    epoch's tail opens the next batch, which the next epoch fills up)."""
+    order = []
+    while True:
+        while len(order) < size:
+            perm = list(range(len(examples)))
+            rng.shuffle(perm)
+            order += perm
+        yield [examples[i] for i in order[:size]]
+        order = order[size:]
+
+
 def sft_rows(examples: list, pad: int):
     """SFT's batch: (prompt tokens, completion tokens) pairs -> x, y (B, T): prompt + completion,
     right-padded with pad (causal: it changes nothing before it); y[t] is the next token where it

@@ -108,6 +108,13 @@ def log_pretrain_step(cfg, progress, step: int, losses: list, lr: float, loads, 
                       "expert_load": loads.tolist()})
 
 
+def log_sft_step(cfg, progress, name: str, step: int, losses: list, lr: float):
+    """A fine-tuning stage's progress line and metrics record: the mean loss since the last."""
+    dt, loss = progress.seconds_per_step(step), sum(losses) / len(losses)
+    progress.line(step, f"loss {loss:.3f} | lr {lr:.1e} | {1000 * dt:.0f}ms")
+    log_metrics(cfg, {"stage": name, "step": step, "loss": loss, "lr": lr})
+
+
 def grpo_banner(cfg, max_seconds: float) -> str:
     return (f"GRPO: {'up to ' if max_seconds else ''}{cfg.grpo_steps} steps x "
             f"{cfg.prompts_per_step} prompts x G={cfg.group_size}, lr {cfg.grpo_lr}, "
