@@ -95,7 +95,7 @@ class Config:
     mask_errors: bool = True        # their planted wrong values are inputs, never targets
     n_test: int = 200               # held-out problems per level
     # pretraining
-    pretrain_steps: int = 800
+    pretrain_steps: int = 500
     batch_size: int = 32    # rows per step (global, across ranks and accumulation)
     block_size: int = 128   # tokens per row, packed with whole documents
     grad_accum: int = 1     # micro-steps per step (divided among ranks)
@@ -111,7 +111,7 @@ class Config:
     eval_every: int = 200   # quick held-out eval during pretraining (0 = never)
     ckpt_every: int = 250   # write out_dir/ckpt.pt every N pretraining steps (and at the end)
     # GRPO
-    grpo_steps: int = 40
+    grpo_steps: int = 30
     prompts_per_step: int = 8   # global, across ranks
     group_size: int = 8         # G completions per prompt
     max_new_tokens: int = 128

@@ -25,8 +25,9 @@
 # split them.
 # Outputs land in out-gpu/ (base.pt, final.pt, metrics.jsonl, summary.json, nanor1.png).
 # Optimizer and schedule are the CPU default's (docs/speedrun.md): Muon for the hidden matrices
-# and AdamW for the rest, warmup, constant, then a cosine over the last half; the lr is half the
-# CPU one, as it was under AdamW (1.5e-3 vs 3e-3). Not yet measured on a GPU.
+# and AdamW for the rest (the embedding and head at 3x the lr), warmup, constant, then a cosine
+# over the last half; GRPO's head at 3x grpo_lr. The lr is half the CPU one, as it was under
+# AdamW (3e-3 vs 6e-3). Not yet measured on a GPU.
 #
 # How long: ESTIMATES from FLOP counts, not measurements. Training costs 86 MFLOP per token
 # (forward + backward, Transformer.flops_per_token): 2.3e16 FLOP for pretraining and about 0.6e16 for
