@@ -217,3 +217,21 @@ def test_grpo_logged_entropy_is_the_mean_over_completion_tokens_only(tmp_path, m
     expected = ent[m].mean().item()
     assert abs(expected - ent.mean().item()) > 1e-2, "padding would change the mean: the test can tell"
     assert history[0]["entropy"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_grpo_steps_the_head_at_grpo_head_lr_mult_times_grpo_lr(tmp_path):
+    """grpo() gives the output head grpo_head_lr_mult x grpo_lr, the rest grpo_lr: checked by
+    AdamW's first step, which moves each weight with a gradient well above eps by the lr itself
+    (GRPO has no weight decay), whatever the gradient's size or clipping."""
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = nanor1.Config(out_dir=str(tmp_path), device="cpu", seed=0, grpo_steps=1, prompts_per_step=2,
+                        group_size=4, max_new_tokens=MAX_NEW, grpo_lr=1e-3, grpo_head_lr_mult=3.0,
+                        grpo_eval_every=0, grpo_eval_n=1, model=model.cfg)
+    nanor1.grpo(cfg, model, copy.deepcopy(model), torch.device("cpu"), 0, 1, data.test_set(1), [],
+                reward_fn=lambda text, problem: float(len(text) % 3))   # unequal rewards in a group
+    moved = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters()}
+    head = moved["head.weight"]
+    assert head.median().item() == pytest.approx(3e-3, rel=0.01)
+    norm = moved["norm.weight"]
+    assert norm.median().item() == pytest.approx(1e-3, rel=0.01)

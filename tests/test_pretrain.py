@@ -357,6 +357,22 @@ def test_the_embedding_and_head_step_at_embed_lr_mult_times_the_lr():
 
 
 @pytest.mark.rmsnorm_rope
+def test_pretrain_steps_the_embedding_and_head_at_embed_lr_mult_times_the_lr(tmp_path):
+    """pretrain() with Muon gives the head embed_lr_mult x lr and the norms lr: one step (the
+    warmup's first, at the full lr when warmup_steps=1) moves every head weight by Adam's first
+    step, lr * embed_lr_mult, give or take the weight decay (lr * wd * w, ~1e-3 of it here)."""
+    cfg = tiny_config(tmp_path, pretrain_steps=1, batch_size=4, warmup_steps=1, lr=1e-2,
+                      embed_lr_mult=3.0, ckpt_every=0)
+    torch.manual_seed(0)
+    model = moe.Transformer(cfg.model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    nanor1.pretrain(cfg, model, torch.device("cpu"), 0, 1, {})
+    moved = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters()}
+    assert moved["head.weight"].median().item() == pytest.approx(3e-2, rel=0.01)
+    assert moved["norm.weight"].median().item() == pytest.approx(1e-2, rel=0.01)
+
+
+@pytest.mark.rmsnorm_rope
 def test_a_checkpoint_of_muon_and_adamw_restores_both(tmp_path):
     """The two optimizers save and load as one state dict (plumbing.Optimizers): after a restore,
     the next step of a fresh optimizer equals the next step of the original, for both halves.
