@@ -3,7 +3,7 @@ nanor1: DeepSeek-R1-Zero in miniature. A tiny DeepSeek-V3 (MLA + DeepSeekMoE, se
 pretrained from scratch on arithmetic, then trained with GRPO on verifiable rewards until it
 learns, by itself, to think step by step before it answers.
 
-    python nanor1.py                         # everything, on a 2-core CPU (~5 min)
+    python nanor1.py                         # everything, on a 2-core CPU (~3.5 min)
     python nanor1.py --stage grpo            # one stage alone, from out/base.pt (eval: final.pt)
     python nanor1.py ... --resume            # continue a killed or stopped run (same flags)
     python nanor1.py --stage r1              # the R1 recipe from out/base.pt
@@ -28,7 +28,7 @@ Where nanor1 departs from DeepSeek-R1-Zero, and why:
      use for instructions. The format reward asks for the same <think>/<answer> shape.
   4. Rewards are rule-based as in R1-Zero (accuracy + format); GRPO as in DeepSeekMath, with the
      Dr. GRPO and DAPO variants as flags (--scale_by_std, --agg, --clip_high, --drop_zero_std).
-  5. Everything is tiny (~1.4M parameters, groups of 8, 40 RL steps), and pretraining uses Muon
+  5. Everything is tiny (~1.4M parameters, groups of 8, 30 RL steps), and pretraining uses Muon
      (as Moonlight does) where V3 used AdamW: the same skill in far fewer steps.
   6. DeepSeek-R1's multi-stage recipe (--stage r1) and distillation (--stage distill) are here in
      miniature, simplified as said in their section.
