@@ -269,7 +269,7 @@ def grpo_fixed_rollouts(out_dir, rank, world, **overrides):
                       grpo_eval_n=1, **overrides)
     saved = nanor1.training_problems, nanor1.generate, nanor1.make_optimizer
     nanor1.training_problems, nanor1.generate = my_problems, fixed_generate
-    nanor1.make_optimizer = lambda model, lr, wd, device: torch.optim.SGD(model.parameters(), lr=lr)
+    nanor1.make_optimizer = lambda model, lr, wd, device, **multipliers: torch.optim.SGD(model.parameters(), lr=lr)
     try:
         model = tiny_model()
         ref = tiny_model()
