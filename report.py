@@ -284,7 +284,7 @@ def read_metrics(out_dir: str) -> list:
 
 
 def smooth_rates(ys: list, k: int = 10) -> list:
-    """A running mean over the last k values that have cases (None: a step without any)."""
+    """A running mean over the last k values that exist (None: a step without a case)."""
     out = []
     for i in range(len(ys)):
         window = [y for y in ys[max(0, i - k + 1):i + 1] if y is not None]
@@ -292,7 +292,7 @@ def smooth_rates(ys: list, k: int = 10) -> list:
     return out
 
 
-def reflection_panels(samples_ax, bars_ax, rl: list, reflection: dict, level: str, smooth):
+def reflection_panels(samples_ax, bars_ax, rl: list, reflection: dict, level: str):
     """The aha-moment panels, on the edge level if the run has one, else overall: within worked
     solutions, how often the model reflects, catches its own wrong claims, flags right ones and
     fixes what it flags, over GRPO steps (its samples, with their mean length); then the same
@@ -300,7 +300,8 @@ def reflection_panels(samples_ax, bars_ax, rl: list, reflection: dict, level: st
     names = {"reflect_rate": "reflect", "catch_rate": "catch", "false_alarm_rate": "false alarm",
              "fix_rate": "fix", "verdict_acc": "verdict acc"}
     steps = [r["step"] for r in rl]
-    samples_ax.plot(steps, smooth([r["length"] for r in rl]), color="gray", label="mean length")
+    samples_ax.plot(steps, smooth_rates([r["length"] for r in rl]), color="gray",
+                    label="mean length")
     samples_ax.set(title=f"aha: reflection in sampled worked solutions ({level})",
                    xlabel="GRPO step", ylabel="tokens (all levels)")
     samples_ax.legend(loc="upper left")
@@ -342,11 +343,8 @@ def make_plots(cfg, base: dict, final: dict, reflection: dict = None):
     if rl:
         steps = [r["step"] for r in rl]
 
-        def smooth(xs, k=10):
-            return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1])
-                    for i in range(len(xs))]
-        ax[1].plot(steps, smooth([r["reward"] for r in rl]), label="train reward")
-        ax[1].plot(steps, smooth([r["acc"] for r in rl]), label="train accuracy")
+        ax[1].plot(steps, smooth_rates([r["reward"] for r in rl]), label="train reward")
+        ax[1].plot(steps, smooth_rates([r["acc"] for r in rl]), label="train accuracy")
         # held-out greedy evaluations, the base model's at GRPO step 0
         ev_steps = [0] + [r["step"] for r in ev]
         ev_res = [base] + [r["heldout"] for r in ev]
@@ -354,12 +352,12 @@ def make_plots(cfg, base: dict, final: dict, reflection: dict = None):
                    label="held-out accuracy (greedy)")
         ax[1].set(title="GRPO: reward and accuracy", xlabel="GRPO step", ylim=(0, 1.25))
         ax[1].legend()
-        ax[2].plot(steps, smooth([r["length"] for r in rl]), color="C3",
+        ax[2].plot(steps, smooth_rates([r["length"] for r in rl]), color="C3",
                    label="mean response length")
         ax[2].set(title="R1-Zero signature: responses grow (samples)", xlabel="GRPO step",
                   ylabel="tokens")
         tw = ax[2].twinx()
-        tw.plot(steps, smooth([r["think"] for r in rl]), color="C2", label="think rate")
+        tw.plot(steps, smooth_rates([r["think"] for r in rl]), color="C2", label="think rate")
         tw.set(ylabel="share of samples that think", ylim=(0, 1.05))
         ax[2].legend(loc="upper left")
         tw.legend(loc="lower right")
@@ -374,7 +372,7 @@ def make_plots(cfg, base: dict, final: dict, reflection: dict = None):
         ax[5].legend(loc="upper left")
         tw.legend(loc="lower right")
         edge = next((k for k in base if k not in LEVELS and k != "overall"), "overall")
-        reflection_panels(ax[6], ax[7], rl, reflection or {}, edge, smooth)
+        reflection_panels(ax[6], ax[7], rl, reflection or {}, edge)
     lv = [k for k in base if k != "overall"] + ["overall"]
     xs = range(len(lv))
     ax[3].bar([x - 0.2 for x in xs], [base[k]["accuracy"] for k in lv], 0.4,
@@ -675,8 +673,7 @@ def compare_arms(root: str):
     # curves: each seed's sampled GRPO steps, the edge level's rates, a line per seed
     fig, ax = plt.subplots(1, 4, figsize=(21, 4.5))
     for ci, a in enumerate(ARMS):
-        for d in runs[a]:
-            rl = [r for r in read_metrics(d) if r["stage"] == "grpo"]
+        for d, rl in zip(runs[a], records[a]):
             steps = [r["step"] for r in rl]
             for i, key in enumerate(("reflect_rate", "catch_rate", "false_alarm_rate")):
                 ys = [r.get("reflection", {}).get(edge, {}).get(key) for r in rl]
