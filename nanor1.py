@@ -55,16 +55,16 @@ from data import (LEVELS, is_heldout, reflective_solution, subset, test_set, tra
 from data.reflect import COUNT_FIELDS, counts_vector
 from moe import KVCache, ModelConfig, Transformer
 import report
-from plumbing import (MODEL_STAGES, RECIPE_STAGES, Optimizers, Progress, accum_steps,
-                      all_reduce_sum, autocast, checkpoint_or_stop, clipped_step, export_hf,
-                      grpo_rank_shares, install_signal_handlers, is_ddp, level_weights,
-                      epoch_batches, load_base_model, load_stage_model, log_metrics,
-                      mark_unlearned, pack_rows, pack_sequences, pad_left, peak_flops,
-                      prepare_out_dir, print0, rank_and_world, read_problems,
-                      read_resume_checkpoint, read_sft_data, remember_resume_flags,
-                      response_lengths, restore_optimizer, run_levels, sample, save_checkpoint,
-                      setup, sft_rows, stage_cfg, start_metrics, student_config, teardown,
-                      trained_levels, training_loop, wrap_ddp, write_jsonl)
+from plumbing import (MODEL_STAGES, Optimizers, Progress, RECIPE_STAGES, accum_steps,
+                      all_reduce_sum, autocast, checkpoint_or_stop, clipped_step, epoch_batches,
+                      export_hf, grpo_rank_shares, install_signal_handlers, is_ddp, level_weights,
+                      load_base_model, load_stage_model, log_metrics, mark_unlearned, pack_rows,
+                      pack_sequences, pad_left, peak_flops, prepare_out_dir, pretrain_progress,
+                      print0, rank_and_world, read_problems, read_resume_checkpoint, read_sft_data,
+                      remember_resume_flags, response_lengths, restore_optimizer, run_levels,
+                      sample, save_checkpoint, setup, sft_rows, stage_cfg, start_metrics,
+                      student_config, teardown, trained_levels, training_loop, wrap_ddp,
+                      write_jsonl)
 from plumbing import parse_args as parse_flags
 from report import levels_line
 
@@ -235,7 +235,8 @@ def make_optimizer(model, lr, weight_decay, device, muon: bool = False, lr_mult:
     each momentum update by Newton-Schulz (Jordan et al. 2024; Kimi's Moonlight scales it to
     AdamW's update size, match_rms_adamw, so one lr serves both); AdamW keeps the embedding, the
     head, the norms and the router (the matrices that are not inside the computation).
-    lr_mult: {parameter name: x} for AdamW parameters that learn at lr * x (see pretrain, grpo)."""
+    lr_mult: {parameter name: x} for AdamW parameters that learn at lr * x (see pretrain, grpo;
+    clipped_step sets each group's lr to the schedule's times its lr_mult)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in params if muon and p.dim() == 2 and n.startswith("layers.")
               and ".gate." not in n]
@@ -243,7 +244,6 @@ def make_optimizer(model, lr, weight_decay, device, muon: bool = False, lr_mult:
     rest = [(n, p) for n, p in params if n not in mult and id(p) not in in_muon]
     groups = [{"params": [p for n, p in rest if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for n, p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    # clipped_step sets each group's lr to the schedule's times its lr_mult
     groups += [{"params": [p], "weight_decay": weight_decay if p.dim() >= 2 else 0.0,
                 "lr": lr * mult[n], "lr_mult": mult[n]} for n, p in params
                if n in mult and id(p) not in in_muon]
@@ -272,10 +272,7 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
     ddp = wrap_ddp(model, device)
     fwd = torch.compile(ddp) if cfg.compile else ddp
     print0(report.pretrain_banner(cfg, model))
-    progress = Progress(cfg, "pretrain", total, cfg.log_every, start, digits=5,
-                        tokens_per_step=cfg.batch_size * cfg.block_size,
-                        flops_per_token=model.flops_per_token(cfg.block_size),
-                        peak=peak_flops(device))
+    progress = pretrain_progress(cfg, model, start, peak_flops(device))   # tokens/s, MFU, ETA
     losses = []
     with training_loop():
         for step in range(start, total):
@@ -515,9 +512,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low: float = 0.2,
 
 def sequence_logprobs(model, tokens, key_mask, P: int, comp_mask, autocast_ctx):
     """log pi(completion token | everything before) for tokens[:, P:] up to each completion's end
-    (comp_mask), 0 after it: (B, L); also entropy (B, L) and the model's balance loss. The model
-    runs on the sequences packed into rows without their padding (plumbing.pack_sequences): the
-    same numbers, as attention never leaves a sequence, on about half the tokens."""
+    (comp_mask), 0 after it: (B, L); also entropy (B, L) and the model's balance loss. Computed on
+    the sequences packed without padding (plumbing.pack_sequences): the same numbers."""
     x, doc_ids, at, valid = pack_sequences(tokens, key_mask, P, comp_mask)
     with autocast_ctx:
         logits, aux = model(x, doc_ids=doc_ids)
@@ -654,13 +650,10 @@ def sft(cfg: Config, model: Transformer, examples: list, steps: int, lr: float, 
     """Supervised fine-tuning in place on (prompt tokens, completion tokens) pairs, the loss on
     the completions only. Each step takes sft_batch examples, epoch after epoch in a seeded
     shuffle; AdamW with warmup (a tenth of the steps, at most warmup_steps) and cosine decay."""
-    if not examples:
-        raise SystemExit(f"error: {name}: no examples to fine-tune on (rejection sampling kept "
-                         f"none?)")
     opt = make_optimizer(model, lr, cfg.weight_decay, device)
     schedule = dataclasses.replace(cfg, warmup_steps=min(cfg.warmup_steps, steps // 10),
                                    decay_frac=1.0)
-    batches = epoch_batches(examples, cfg.sft_batch, random.Random(f"{cfg.seed}-{name}"))
+    batches = epoch_batches(examples, cfg.sft_batch, random.Random(f"{cfg.seed}-{name}"), name)
     print0(f"{name}: {len(examples)} examples, {steps} steps x {cfg.sft_batch}, lr {lr}, "
            f"completion tokens only")
     model.train()
@@ -884,11 +877,11 @@ def main(argv=None):
               for f in ("think", "answer")}
     print0("held-out (greedy, 100/level) forced to think:    " + levels_line(forced["think"]))
     print0("held-out (greedy, 100/level) forced to answer:   " + levels_line(forced["answer"]))
-    # reflection shows in sampled worked solutions (data/reflect.py); greedy ones are plain. Runs
-    # whose corpus has none (the default) skip these two evaluations; GRPO logs it at every step
+    # reflection shows in sampled worked solutions (data/reflect.py; greedy ones are plain), in
+    # runs whose corpus has it (bash aha.sh); GRPO logs it at every step in every run
     aha = cfg.verify_frac + cfg.retry_frac + cfg.edge_weight > 0
-    reflection = {"base": evaluate(model, subset(tests, 100), cfg, device, False, cfg.seed,
-                                   "think")} if aha else {}
+    sampled_think = lambda m: evaluate(m, subset(tests, 100), cfg, device, False, cfg.seed, "think")
+    reflection = {"base": sampled_think(model)} if aha else {}
 
     # 3) GRPO from the base, with the base frozen as the KL reference; then the result
     final = None
@@ -904,8 +897,7 @@ def main(argv=None):
         final = evaluate(model, tests, cfg, device, shown=shown["final"])
         print0(f"held-out (greedy, {cfg.n_test}/level) after GRPO:  " + levels_line(final))
         if aha:
-            reflection["final"] = evaluate(model, subset(tests, 100), cfg, device, False,
-                                           cfg.seed, "think")
+            reflection["final"] = sampled_think(model)
     wall["total"] = time.time() - t0
     if rank == 0:
         report.finish_r1_zero(cfg, wall, base, sampled, forced, final, shown, reflection)

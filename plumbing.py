@@ -351,17 +351,22 @@ def pack_sequences(tokens, key_mask, P: int, comp_mask):
     return x, doc_ids, at.to(tokens.device), comp_mask.bool()
 
 
-def epoch_batches(examples: list, size: int, rng):
-    """Endless batches of size examples, epoch after epoch, each epoch in a fresh shuffle (an
-    epoch's tail opens the next batch, which the next epoch fills up)."""
-    order = []
-    while True:
-        while len(order) < size:
-            perm = list(range(len(examples)))
-            rng.shuffle(perm)
-            order += perm
-        yield [examples[i] for i in order[:size]]
-        order = order[size:]
+def epoch_batches(examples: list, size: int, rng, name: str):
+    """Endless batches of size examples for fine-tuning stage name, epoch after epoch, each epoch
+    in a fresh shuffle (an epoch's tail opens the next batch, which the next epoch fills up)."""
+    if not examples:
+        raise SystemExit(f"error: {name}: no examples to fine-tune on (rejection sampling kept "
+                         f"none?)")
+
+    def batches(order):
+        while True:
+            while len(order) < size:
+                perm = list(range(len(examples)))
+                rng.shuffle(perm)
+                order += perm
+            yield [examples[i] for i in order[:size]]
+            order = order[size:]
+    return batches([])
 
 
 def sft_rows(examples: list, pad: int):
@@ -1035,6 +1040,14 @@ PEAK_FLOPS = [(r"H100.*PCIe", 756e12), (r"H[12]00.*NVL", 835e12),
               (r"B200", 2250e12), (r"A100|A800", 312e12), (r"\bA30\b", 165e12),
               (r"\bA10\b", 125e12), (r"L40S", 362e12), (r"\bL40\b", 181e12), (r"\bL4\b", 121e12),
               (r"RTX A6000", 155e12), (r"RTX 4090", 165e12), (r"RTX 3090", 71e12)]
+
+
+def pretrain_progress(cfg, model, start: int, peak) -> "Progress":
+    """Pretraining's progress line: every log_every steps, with tokens/s and MFU (peak: the
+    device's peak FLOP/s, peak_flops)."""
+    return Progress(cfg, "pretrain", cfg.pretrain_steps, cfg.log_every, start, digits=5,
+                    tokens_per_step=cfg.batch_size * cfg.block_size,
+                    flops_per_token=model.flops_per_token(cfg.block_size), peak=peak)
 
 
 def peak_flops(device) -> float:
