@@ -12,6 +12,7 @@ What lives here, so that nanor1.py can read as the method alone:
   * progress lines with an ETA, and MFU against a peak FLOP/s.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -843,7 +844,11 @@ def restore_optimizer(opt, resume) -> int:
     """Load a training checkpoint's optimizer state -> the step to continue from (0: none)."""
     if not resume:
         return 0
-    opt.load_state_dict(resume["optimizer"])
+    try:
+        opt.load_state_dict(resume["optimizer"])
+    except (ValueError, KeyError) as e:   # e.g. written by a version with other optimizers
+        config_error(f"cannot resume from the checkpoint: {first_line(e)}; start a new run with "
+                     "another --out_dir")
     return resume["step"]
 
 
@@ -928,17 +933,34 @@ def checkpoint_or_stop(cfg, model, opt, stage: str, step: int, total: int, every
 
 class Optimizers:
     """Several optimizers over disjoint parameters, stepped as one (Muon + AdamW): one list of
-    param_groups, one state_dict (a checkpoint's "optimizer")."""
+    param_groups, one state_dict (a checkpoint's "optimizer"). side_by_side: the first n step at
+    the same time on a CPU, one thread each, when torch has as many threads (the Muon shards of
+    nanor1.make_optimizer: Newton-Schulz is a chain of small matmuls, one matrix after another,
+    that a second core barely speeds up, but a second shard keeps it busy: ~4% of a pretraining
+    step on 2 cores). Each parameter's update is its own, so the result is the serial one's."""
 
-    def __init__(self, *opts):
-        self.opts = opts
+    def __init__(self, *opts, side_by_side: int = 1):
+        self.opts, self.side_by_side, self._pool = opts, side_by_side, None
 
     @property
     def param_groups(self) -> list:   # read anew: load_state_dict replaces the groups' dicts
         return [g for o in self.opts for g in o.param_groups]
 
     def step(self):
-        for o in self.opts:
+        n, threads = self.side_by_side, torch.get_num_threads()
+        on_cpu = all(p.device.type == "cpu" for g in self.param_groups for p in g["params"])
+        if n < 2 or threads < n or not on_cpu:
+            for o in self.opts:
+                o.step()
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="optimizer")
+        torch.set_num_threads(threads // n)   # torch's thread count is global: shared out
+        try:
+            list(self._pool.map(lambda o: o.step(), self.opts[:n]))
+        finally:
+            torch.set_num_threads(threads)
+        for o in self.opts[n:]:
             o.step()
 
     def zero_grad(self, set_to_none: bool = True):
@@ -951,7 +973,7 @@ class Optimizers:
     def load_state_dict(self, state: dict):
         if len(state.get("optimizers", ())) != len(self.opts):
             raise ValueError("the checkpoint's optimizer state is for another optimizer "
-                             "(--optimizer differs?)")
+                             "(another --optimizer, or another version of nanor1)")
         for o, s in zip(self.opts, state["optimizers"]):
             o.load_state_dict(s)
 

@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -290,10 +291,12 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     (Newton-Schulz keeps the singular vectors), at AdamW's RMS scale (match_rms_adamw)."""
     model = small_trained_model()
     opt = nanor1.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), muon=True)
-    muon, adamw = opt.opts
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    *muons, adamw = opt.opts
+    assert all(isinstance(m, torch.optim.Muon) for m in muons) and isinstance(adamw, torch.optim.AdamW)
     by_id = {id(p): n for n, p in model.named_parameters()}
-    in_muon = {by_id[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_muon = [by_id[id(p)] for m in muons for g in m.param_groups for p in g["params"]]
+    assert len(in_muon) == len(set(in_muon)), "a matrix in two Muon shards"
+    in_muon = set(in_muon)
     in_adamw = {by_id[id(p)] for g in adamw.param_groups for p in g["params"]}
     assert not in_muon & in_adamw and in_muon | in_adamw == set(by_id.values())
     want_muon = {n for n, p in model.named_parameters()
@@ -370,6 +373,53 @@ def test_pretrain_steps_the_embedding_and_head_at_embed_lr_mult_times_the_lr(tmp
     moved = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters()}
     assert moved["head.weight"].median().item() == pytest.approx(3e-2, rel=0.01)
     assert moved["norm.weight"].median().item() == pytest.approx(1e-2, rel=0.01)
+
+
+@pytest.mark.rmsnorm_rope
+def test_muon_shards_step_side_by_side_and_as_one_muon_would():
+    """make_optimizer(muon=True) splits the hidden matrices into two torch.optim.Muon shards that
+    plumbing.Optimizers steps at the same time on the CPU, one thread each, when torch has two: the
+    shards run in two threads other than the caller's, torch's thread count is back to two after,
+    and three steps leave every weight where one torch.optim.Muon over all the matrices (plus the
+    same AdamW) leaves it, run serially at one thread (the thread count each shard had)."""
+    def fresh():
+        torch.manual_seed(0)
+        return small_trained_model()
+    grads = [[torch.randn_like(p) for p in fresh().parameters()] for _ in range(3)]
+    def train(model, opt):
+        for g in grads:
+            for p, gp in zip(model.parameters(), g):
+                p.grad = gp.clone()
+            opt.step()
+    a = fresh()
+    opt_a = nanor1.make_optimizer(a, 1e-2, 0.1, torch.device("cpu"), muon=True)
+    *shards, _ = opt_a.opts
+    assert len(shards) == 2 and all(s.param_groups[0]["params"] for s in shards)
+    where = []
+    for s in shards:   # record the thread and torch's thread count each shard steps with
+        s.step = (lambda f: lambda *a, **k: (where.append((threading.get_ident(),
+                                                           torch.get_num_threads())), f(*a, **k))[1])(s.step)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(a, opt_a)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert len(where) == 6 and {n for _, n in where} == {1}
+    assert threading.get_ident() not in {t for t, _ in where} and len({t for t, _ in where}) == 2
+    b = fresh()
+    opt_b = nanor1.make_optimizer(b, 1e-2, 0.1, torch.device("cpu"), muon=True)
+    hidden = [p for s in opt_b.opts[:2] for g in s.param_groups for p in g["params"]]
+    serial = nanor1.Optimizers(torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.1,
+                                                adjust_lr_fn="match_rms_adamw"), opt_b.opts[2])
+    try:
+        torch.set_num_threads(1)
+        train(b, serial)
+    finally:
+        torch.set_num_threads(threads)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), f"{n}: the shards' step is not Muon's"
 
 
 @pytest.mark.rmsnorm_rope

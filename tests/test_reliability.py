@@ -204,6 +204,26 @@ def test_resume_from_a_broken_checkpoint_is_refused_and_overwrites_nothing(tmp_p
     assert snapshot(d) == before
 
 
+def test_resume_with_an_optimizer_state_of_another_shape_is_one_line(tmp_path, capsys):
+    """A checkpoint whose optimizer state is not this run's (here: one AdamW where the run has
+    Muon's two shards and AdamW, as a checkpoint of another version has) ends with one line and
+    exit code 2 when the state is loaded, not with a traceback, and ckpt.pt stays as it was."""
+    d = str(tmp_path / "run")
+    args = ["--out_dir", d, *TINY_RUN]
+    cfg = nanor1.parse_args(args)
+    model = moe.Transformer(dataclasses.replace(cfg.model, vocab_size=enc.n_vocab))
+    os.makedirs(d)
+    path = os.path.join(d, "ckpt.pt")
+    nanor1.save_checkpoint(path, model, cfg, stage="pretrain", step=3,
+                           optimizer=torch.optim.AdamW(model.parameters()).state_dict())
+    before = open(path, "rb").read()
+    code, out, err = main_exit(args + ["--resume"], capsys)
+    line = err.strip()
+    assert code == 2 and "\n" not in line and line.startswith("error: cannot resume"), err
+    assert "another optimizer" in line and "Traceback" not in err
+    assert open(path, "rb").read() == before
+
+
 # -----------------------------------------------------------------------------
 # Non-finite loss: the run stops, naming the step, before the update; the last checkpoint stays
 
