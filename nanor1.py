@@ -111,14 +111,14 @@ class Config:
     eval_every: int = 200   # quick held-out eval during pretraining (0 = never)
     ckpt_every: int = 250   # write out_dir/ckpt.pt every N pretraining steps (and at the end)
     # GRPO
-    grpo_steps: int = 30
+    grpo_steps: int = 20
     prompts_per_step: int = 8   # global, across ranks
     group_size: int = 8         # G completions per prompt
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_k: int = 0              # 0 = sample from the full distribution
     grpo_lr: float = 1e-4
-    grpo_head_lr_mult: float = 3.0  # the output head learns at grpo_lr x this
+    grpo_head_lr_mult: float = 5.0  # the output head learns at grpo_lr x this
     mu: int = 1                 # policy updates per rollout batch
     clip_low: float = 0.2       # ratio clipped to [1-clip_low, 1+clip_high]
     clip_high: float = 0.2      # DAPO's clip-higher uses e.g. 0.28
