@@ -95,17 +95,18 @@ class Config:
     mask_errors: bool = True        # their planted wrong values are inputs, never targets
     n_test: int = 200               # held-out problems per level
     # pretraining
-    pretrain_steps: int = 500
+    pretrain_steps: int = 450
     batch_size: int = 32    # rows per step (global, across ranks and accumulation)
     block_size: int = 128   # tokens per row, packed with whole documents
     grad_accum: int = 1     # micro-steps per step (divided among ranks)
     lr: float = 6e-3
     min_lr_frac: float = 0.1  # the lr decays to lr * min_lr_frac...
     decay_frac: float = 0.5   # ...by a cosine over this last share of the steps (before: constant)
-    warmup_steps: int = 40
+    warmup_steps: int = 10
     weight_decay: float = 0.1  # on matrices only
     optimizer: str = "muon"    # muon (hidden matrices; AdamW for the rest) | adamw
     embed_lr_mult: float = 3.0  # with muon: the embedding and head learn at lr x this
+    muon_momentum: float = 0.9  # with muon: its momentum (torch's default: 0.95)
     grad_clip: float = 1.0
     log_every: int = 100
     eval_every: int = 200   # quick held-out eval during pretraining (0 = never)
@@ -229,14 +230,15 @@ def lr_at(step: int, total: int, cfg: Config, base_lr: float) -> float:
     return base_lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * cosine)
 
 
-def make_optimizer(model, lr, weight_decay, device, muon: bool = False, lr_mult: dict = None):
+def make_optimizer(model, lr, weight_decay, device, muon: bool = False, lr_mult: dict = None,
+                   momentum: float = 0.95):
     """AdamW; weight decay on the matrices only (not on norms, which would pull them to 0).
     muon: the hidden matrices (attention, FFNs, experts) take Muon instead, which orthogonalises
     each momentum update by Newton-Schulz (Jordan et al. 2024; Kimi's Moonlight scales it to
     AdamW's update size, match_rms_adamw, so one lr serves both); AdamW keeps the embedding, the
     head, the norms and the router (the matrices that are not inside the computation).
     lr_mult: {parameter name: x} for AdamW parameters that learn at lr * x (see pretrain, grpo;
-    clipped_step sets each group's lr to the schedule's times its lr_mult)."""
+    clipped_step sets each group's lr to the schedule's times its lr_mult); momentum: Muon's."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in params if muon and p.dim() == 2 and n.startswith("layers.")
               and ".gate." not in n]
@@ -253,7 +255,7 @@ def make_optimizer(model, lr, weight_decay, device, muon: bool = False, lr_mult:
         return adamw
     # Muon in two shards of about equal work: on a CPU they step side by side, a core each
     hidden.sort(key=lambda p: -p.numel())
-    muons = [torch.optim.Muon(hidden[i::2], lr=lr, weight_decay=weight_decay,
+    muons = [torch.optim.Muon(hidden[i::2], lr=lr, weight_decay=weight_decay, momentum=momentum,
                               adjust_lr_fn="match_rms_adamw") for i in range(min(2, len(hidden)))]
     return Optimizers(*muons, adamw, side_by_side=len(muons))
 
@@ -270,7 +272,8 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
         return next(pretrain_batches(cfg, random.Random(seed), rows))
     muon = cfg.optimizer == "muon"   # and with it, the embedding and head learn faster
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device, muon, lr_mult=dict.fromkeys(
-        ("embed.weight", "head.weight"), cfg.embed_lr_mult) if muon else None)
+        ("embed.weight", "head.weight"), cfg.embed_lr_mult) if muon else None,
+                         momentum=cfg.muon_momentum)
     start = restore_optimizer(opt, resume)
     ddp = wrap_ddp(model, device)
     fwd = torch.compile(ddp) if cfg.compile else ddp

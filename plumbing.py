@@ -199,6 +199,7 @@ def validate(cfg):
          "must be >= 2 (advantages compare completions of a prompt)")
     need(cfg.lr > 0, "lr", "must be > 0")
     need(cfg.embed_lr_mult > 0, "embed_lr_mult", "must be > 0")
+    need(0 <= cfg.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
     need(cfg.grpo_head_lr_mult > 0, "grpo_head_lr_mult", "must be > 0")
     need(cfg.grpo_lr > 0, "grpo_lr", "must be > 0")
     need(cfg.grad_clip > 0, "grad_clip",

@@ -4,7 +4,7 @@
 #   bash train.sh                        # the GPU preset below, torchrun on all visible GPUs
 #   NPROC=4 bash train.sh                # on 4 of them
 #   bash train.sh --grpo_steps 500       # any nanor1.py flag passes through and overrides the preset
-#   bash train.sh cpu                    # the CPU default instead: python nanor1.py (~3.5 min, 1.4M params)
+#   bash train.sh cpu                    # the CPU default instead: python nanor1.py (~3 min, 1.4M params)
 #
 # Across machines: the same command on every node, NODE_RANK 0, 1, ... and MASTER_ADDR an address
 # of node 0 that the others reach (MASTER_PORT a free port there, default 29500):
@@ -25,9 +25,10 @@
 # split them.
 # Outputs land in out-gpu/ (base.pt, final.pt, metrics.jsonl, summary.json, nanor1.png).
 # Optimizer and schedule are the CPU default's (docs/speedrun.md): Muon for the hidden matrices
-# and AdamW for the rest (the embedding and head at 3x the lr), warmup, constant, then a cosine
-# over the last half; GRPO's head at 3x grpo_lr. The lr is half the CPU one, as it was under
-# AdamW (3e-3 vs 6e-3). Not yet measured on a GPU.
+# (momentum 0.9) and AdamW for the rest (the embedding and head at 3x the lr), warmup, constant,
+# then a cosine over the last half; GRPO's head at 5x grpo_lr. The lr is half the CPU one, as it
+# was under AdamW (3e-3 vs 6e-3), and the warmup longer (200 steps of 4000). Not yet measured on
+# a GPU.
 #
 # How long: ESTIMATES from FLOP counts, not measurements. Training costs 86 MFLOP per token
 # (forward + backward, Transformer.flops_per_token): 2.3e16 FLOP for pretraining and about 0.6e16 for

@@ -376,6 +376,37 @@ def test_pretrain_steps_the_embedding_and_head_at_embed_lr_mult_times_the_lr(tmp
 
 
 @pytest.mark.rmsnorm_rope
+def test_pretrain_gives_muon_the_muon_momentum(tmp_path, monkeypatch):
+    """pretrain() builds Muon with --muon_momentum: after two steps with (clipped) gradients g1, g2,
+    each hidden matrix's momentum buffer is the exponential average from zero,
+    m (1 - m) g1 + (1 - m) g2, computed here from the gradients each step saw."""
+    m = 0.6
+    cfg = tiny_config(tmp_path, pretrain_steps=2, batch_size=4, warmup_steps=1, muon_momentum=m,
+                      ckpt_every=0, eval_every=0)
+    built, seen = [], []
+    def recording(*a, **k):
+        opt = make_optimizer(*a, **k)
+        step = opt.step
+        def step_and_record():
+            seen.append({id(p): p.grad.detach().clone() for s in opt.opts[:-1]
+                         for g in s.param_groups for p in g["params"]})
+            step()
+        opt.step = step_and_record
+        built.append(opt)
+        return opt
+    make_optimizer = nanor1.make_optimizer
+    monkeypatch.setattr(nanor1, "make_optimizer", recording)
+    torch.manual_seed(0)
+    nanor1.pretrain(cfg, moe.Transformer(cfg.model), torch.device("cpu"), 0, 1, {})
+    (opt,) = built
+    assert len(seen) == 2
+    for shard in opt.opts[:-1]:
+        for p in shard.param_groups[0]["params"]:
+            want = m * (1 - m) * seen[0][id(p)] + (1 - m) * seen[1][id(p)]
+            torch.testing.assert_close(shard.state[p]["momentum_buffer"], want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.rmsnorm_rope
 def test_muon_shards_step_side_by_side_and_as_one_muon_would():
     """make_optimizer(muon=True) splits the hidden matrices into two torch.optim.Muon shards that
     plumbing.Optimizers steps at the same time on the CPU, one thread each, when torch has two: the
