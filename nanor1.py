@@ -95,7 +95,7 @@ class Config:
     mask_errors: bool = True        # their planted wrong values are inputs, never targets
     n_test: int = 200               # held-out problems per level
     # pretraining
-    pretrain_steps: int = 450
+    pretrain_steps: int = 500
     batch_size: int = 32    # rows per step (global, across ranks and accumulation)
     block_size: int = 128   # tokens per row, packed with whole documents
     grad_accum: int = 1     # micro-steps per step (divided among ranks)
