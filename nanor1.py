@@ -102,11 +102,11 @@ class Config:
     lr: float = 6e-3
     min_lr_frac: float = 0.1  # the lr decays to lr * min_lr_frac...
     decay_frac: float = 0.5   # ...by a cosine over this last share of the steps (before: constant)
-    warmup_steps: int = 10
+    warmup_steps: int = 40
     weight_decay: float = 0.1  # on matrices only
     optimizer: str = "muon"    # muon (hidden matrices; AdamW for the rest) | adamw
     embed_lr_mult: float = 3.0  # with muon: the embedding and head learn at lr x this
-    muon_momentum: float = 0.9  # with muon: its momentum (torch's default: 0.95)
+    muon_momentum: float = 0.95  # with muon: its momentum (torch's default)
     grad_clip: float = 1.0
     log_every: int = 100
     eval_every: int = 200   # quick held-out eval during pretraining (0 = never)

@@ -25,7 +25,7 @@
 # split them.
 # Outputs land in out-gpu/ (base.pt, final.pt, metrics.jsonl, summary.json, nanor1.png).
 # Optimizer and schedule are the CPU default's (docs/speedrun.md): Muon for the hidden matrices
-# (momentum 0.9) and AdamW for the rest (the embedding and head at 3x the lr), warmup, constant,
+# and AdamW for the rest (the embedding and head at 3x the lr), warmup, constant,
 # then a cosine over the last half; GRPO's head at 5x grpo_lr. The lr is half the CPU one, as it
 # was under AdamW (3e-3 vs 6e-3), and the warmup longer (200 steps of 4000). Not yet measured on
 # a GPU.
