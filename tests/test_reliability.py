@@ -204,6 +204,7 @@ def test_resume_from_a_broken_checkpoint_is_refused_and_overwrites_nothing(tmp_p
     assert snapshot(d) == before
 
 
+@pytest.mark.rmsnorm_rope
 def test_resume_with_an_optimizer_state_of_another_shape_is_one_line(tmp_path, capsys):
     """A checkpoint whose optimizer state is not this run's (here: one AdamW where the run has
     Muon's two shards and AdamW, as a checkpoint of another version has) ends with one line and
