@@ -3,7 +3,7 @@ nanor1: DeepSeek-R1-Zero in miniature. A tiny DeepSeek-V3 (MLA + DeepSeekMoE, se
 pretrained from scratch on arithmetic, then trained with GRPO on verifiable rewards until it
 learns, by itself, to think step by step before it answers.
 
-    python nanor1.py                         # everything, on a 2-core CPU (~3.5 min)
+    python nanor1.py                         # everything, on a 2-core CPU (~3 min)
     python nanor1.py --stage grpo            # one stage alone, from out/base.pt (eval: final.pt)
     python nanor1.py ... --resume            # continue a killed or stopped run (same flags)
     python nanor1.py --stage r1              # the R1 recipe from out/base.pt
@@ -28,7 +28,7 @@ Where nanor1 departs from DeepSeek-R1-Zero, and why:
      use for instructions. The format reward asks for the same <think>/<answer> shape.
   4. Rewards are rule-based as in R1-Zero (accuracy + format); GRPO as in DeepSeekMath, with the
      Dr. GRPO and DAPO variants as flags (--scale_by_std, --agg, --clip_high, --drop_zero_std).
-  5. Everything is tiny (~1.4M parameters, groups of 8, 30 RL steps), and pretraining uses Muon
+  5. Everything is tiny (~1.4M parameters, groups of 8, 20 RL steps), and pretraining uses Muon
      (as Moonlight does) where V3 used AdamW: the same skill in far fewer steps.
   6. DeepSeek-R1's multi-stage recipe (--stage r1) and distillation (--stage distill) are here in
      miniature, simplified as said in their section.
@@ -50,21 +50,21 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from data import (LEVELS, is_heldout, reflective_solution, subset, test_set, training_problems,
-                  worked_solutions)
+from data import (LEVELS, is_heldout, only_training, reflective_solution, subset, test_set,
+                  training_problems, worked_solutions)
 from data.reflect import COUNT_FIELDS, counts_vector
 from moe import KVCache, ModelConfig, Transformer
 import report
-from plumbing import (MODEL_STAGES, Optimizers, Progress, RECIPE_STAGES, accum_steps,
-                      all_reduce_sum, autocast, checkpoint_or_stop, clipped_step, epoch_batches,
-                      export_hf, grpo_rank_shares, install_signal_handlers, is_ddp, level_weights,
-                      load_base_model, load_stage_model, log_metrics, mark_unlearned, pack_rows,
-                      pack_sequences, pad_left, peak_flops, prepare_out_dir, pretrain_progress,
-                      print0, rank_and_world, read_problems, read_resume_checkpoint, read_sft_data,
+from plumbing import (MODEL_STAGES, Progress, RECIPE_STAGES, accum_steps, all_reduce_sum, autocast,
+                      checkpoint_or_stop, clipped_step, epoch_batches, export_hf, grpo_rank_shares,
+                      install_signal_handlers, is_ddp, level_weights, load_base_model,
+                      load_stage_model, log_metrics, mark_unlearned, pack_rows, pack_sequences,
+                      pad_left, peak_flops, prepare_out_dir, pretrain_progress, print0,
+                      rank_and_world, read_problems, read_resume_checkpoint, read_sft_data,
                       remember_resume_flags, response_lengths, restore_optimizer, run_levels,
-                      sample, save_checkpoint, setup, sft_rows, stage_cfg, start_metrics,
-                      student_config, teardown, trained_levels, training_loop, wrap_ddp,
-                      write_jsonl)
+                      sample, save_checkpoint, setup, sft_rows, side_by_side_muon, stage_cfg,
+                      start_metrics, student_config, teardown, trained_levels, training_loop,
+                      wrap_ddp, write_jsonl)
 from plumbing import parse_args as parse_flags
 from report import levels_line
 
@@ -234,11 +234,10 @@ def make_optimizer(model, lr, weight_decay, device, muon: bool = False, lr_mult:
                    momentum: float = 0.95):
     """AdamW; weight decay on the matrices only (not on norms, which would pull them to 0).
     muon: the hidden matrices (attention, FFNs, experts) take Muon instead, which orthogonalises
-    each momentum update by Newton-Schulz (Jordan et al. 2024; Kimi's Moonlight scales it to
-    AdamW's update size, match_rms_adamw, so one lr serves both); AdamW keeps the embedding, the
-    head, the norms and the router (the matrices that are not inside the computation).
-    lr_mult: {parameter name: x} for AdamW parameters that learn at lr * x (see pretrain, grpo;
-    clipped_step sets each group's lr to the schedule's times its lr_mult); momentum: Muon's."""
+    each momentum update by Newton-Schulz (Jordan et al. 2024), scaled to AdamW's update size as
+    Kimi's Moonlight does (match_rms_adamw: one lr serves both); AdamW keeps the embedding, head,
+    norms and router. lr_mult: {parameter name: x} for AdamW parameters that learn at lr * x
+    (clipped_step keeps each group at the schedule's lr times its lr_mult)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in params if muon and p.dim() == 2 and n.startswith("layers.")
               and ".gate." not in n]
@@ -253,11 +252,8 @@ def make_optimizer(model, lr, weight_decay, device, muon: bool = False, lr_mult:
                               fused=device.type == "cuda")
     if not hidden:
         return adamw
-    # Muon in two shards of about equal work: on a CPU they step side by side, a core each
-    hidden.sort(key=lambda p: -p.numel())
-    muons = [torch.optim.Muon(hidden[i::2], lr=lr, weight_decay=weight_decay, momentum=momentum,
-                              adjust_lr_fn="match_rms_adamw") for i in range(min(2, len(hidden)))]
-    return Optimizers(*muons, adamw, side_by_side=len(muons))
+    return side_by_side_muon(hidden, adamw, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                             adjust_lr_fn="match_rms_adamw")   # 2 shards, on a CPU a core each
 
 
 def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tests: dict,
@@ -271,9 +267,8 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
         seed = f"{cfg.seed}-pretrain-{step}-{rank * accum + micro}"
         return next(pretrain_batches(cfg, random.Random(seed), rows))
     muon = cfg.optimizer == "muon"   # and with it, the embedding and head learn faster
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device, muon, lr_mult=dict.fromkeys(
-        ("embed.weight", "head.weight"), cfg.embed_lr_mult) if muon else None,
-                         momentum=cfg.muon_momentum)
+    mult = dict.fromkeys(("embed.weight", "head.weight"), cfg.embed_lr_mult) if muon else None
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, device, muon, mult, cfg.muon_momentum)
     start = restore_optimizer(opt, resume)
     ddp = wrap_ddp(model, device)
     fwd = torch.compile(ddp) if cfg.compile else ddp
@@ -692,10 +687,7 @@ def rejection_sample(cfg: Config, model: Transformer, problems: list, k: int, de
     well formed (accuracy and format reward both 1), each distinct (problem, completion) once.
     Training problems only: a held-out one would leak the test set into the fine-tuning data.
     -> {level, problem, answer, prompt, completion} records, also written to path."""
-    held = [p.text for p in problems if is_heldout(p.text)]
-    if held:
-        raise ValueError(f"rejection sampling is for training problems; held out: "
-                         f"{', '.join(held[:3])}")
+    only_training(problems, "rejection sampling")
     gen = torch.Generator(device=device).manual_seed(seed)
     kept, seen, right = [], set(), 0
     per_batch = max(1, cfg.eval_batch // k)                  # problems per generation batch

@@ -932,6 +932,15 @@ def checkpoint_or_stop(cfg, model, opt, stage: str, step: int, total: int, every
         sys.exit(128 + signum)
 
 
+def side_by_side_muon(hidden: list, adamw, shards: int = 2, **muon_kwargs) -> "Optimizers":
+    """torch.optim.Muon over the hidden matrices in shards of about equal work (largest first,
+    dealt round-robin), stepped side by side on a CPU's cores, then adamw (see Optimizers)."""
+    hidden = sorted(hidden, key=lambda p: -p.numel())
+    muons = [torch.optim.Muon(hidden[i::shards], **muon_kwargs)
+             for i in range(min(shards, len(hidden)))]
+    return Optimizers(*muons, adamw, side_by_side=len(muons))
+
+
 class Optimizers:
     """Several optimizers over disjoint parameters, stepped as one (Muon + AdamW): one list of
     param_groups, one state_dict (a checkpoint's "optimizer"). side_by_side: the first n step at

@@ -271,6 +271,14 @@ def training_problems(rng: random.Random, levels=LEVELS, weights=None):
             yield p
 
 
+def only_training(problems: list, what: str):
+    """ValueError if any of problems is held out: what makes training data of them, which must not
+    leak the test set."""
+    held = [p.text for p in problems if is_heldout(p.text)]
+    if held:
+        raise ValueError(f"{what} is for training problems; held out: {', '.join(held[:3])}")
+
+
 def worked_solutions(n: int, seed) -> list:
     """Cold-start data (the R1 recipe): n training problems with their worked solutions, written
     exactly as the pretraining corpus writes them, as {level, problem, answer, prompt, completion}

@@ -442,7 +442,7 @@ def test_muon_shards_step_side_by_side_and_as_one_muon_would():
     b = fresh()
     opt_b = nanor1.make_optimizer(b, 1e-2, 0.1, torch.device("cpu"), muon=True)
     hidden = [p for s in opt_b.opts[:2] for g in s.param_groups for p in g["params"]]
-    serial = nanor1.Optimizers(torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.1,
+    serial = plumbing.Optimizers(torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.1,
                                                 adjust_lr_fn="match_rms_adamw"), opt_b.opts[2])
     try:
         torch.set_num_threads(1)
@@ -481,7 +481,7 @@ def test_a_checkpoint_of_muon_and_adamw_restores_both(tmp_path):
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), f"{n} differs after the restored step"
     with pytest.raises(ValueError, match="another optimizer"):
-        nanor1.Optimizers(torch.optim.SGD(fresh().parameters(), lr=1)).load_state_dict(saved["optimizer"])
+        plumbing.Optimizers(torch.optim.SGD(fresh().parameters(), lr=1)).load_state_dict(saved["optimizer"])
 
 
 # -----------------------------------------------------------------------------
