@@ -944,10 +944,10 @@ def side_by_side_muon(hidden: list, adamw, shards: int = 2, **muon_kwargs) -> "O
 class Optimizers:
     """Several optimizers over disjoint parameters, stepped as one (Muon + AdamW): one list of
     param_groups, one state_dict (a checkpoint's "optimizer"). side_by_side: the first n step at
-    the same time on a CPU, one thread each, when torch has as many threads (the Muon shards of
-    nanor1.make_optimizer: Newton-Schulz is a chain of small matmuls, one matrix after another,
-    that a second core barely speeds up, but a second shard keeps it busy: ~4% of a pretraining
-    step on 2 cores). Each parameter's update is its own, so the result is the serial one's."""
+    the same time on a CPU, one thread each, when torch has as many threads (side_by_side_muon's
+    shards: Newton-Schulz is a chain of small matmuls, one matrix after another, that a second
+    core barely speeds up, but a second shard keeps it busy: ~4% of a pretraining step on 2
+    cores). Each parameter's update is its own, so the result is the serial one's."""
 
     def __init__(self, *opts, side_by_side: int = 1):
         self.opts, self.side_by_side, self._pool = opts, side_by_side, None
