@@ -33,7 +33,7 @@ class ModelConfig:
     """The model's settings, named as in the official ModelArgs (plumbing.validate_model checks)."""
     vocab_size: int = 261           # set by the tokenizer in nanor1.py
     dim: int = 128                  # model width d
-    inter_dim: int = 512            # hidden width of the dense SwiGLU layers
+    inter_dim: int = 256            # hidden width of the dense SwiGLU layer(s)
     moe_inter_dim: int = 128        # hidden width of each routed (and shared) expert
     n_layers: int = 3
     n_dense_layers: int = 1         # the first layers use a dense FFN instead of MoE

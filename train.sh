@@ -4,7 +4,7 @@
 #   bash train.sh                        # the GPU preset below, torchrun on all visible GPUs
 #   NPROC=4 bash train.sh                # on 4 of them
 #   bash train.sh --grpo_steps 500       # any nanor1.py flag passes through and overrides the preset
-#   bash train.sh cpu                    # the CPU default instead: python nanor1.py (~3 min, 1.4M params)
+#   bash train.sh cpu                    # the CPU default instead: python nanor1.py (~3 min, 1.3M params)
 #
 # Across machines: the same command on every node, NODE_RANK 0, 1, ... and MASTER_ADDR an address
 # of node 0 that the others reach (MASTER_PORT a free port there, default 29500):
