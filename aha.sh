@@ -11,14 +11,15 @@
 # Why these flags: rows of 256 tokens hold the longest reflective documents (a check and a redo
 # of a 3-operation solution: ~230 tokens), 16 of them keep a step at the default's 4096 tokens;
 # completions may run to 256 tokens; 60 GRPO steps give RL time to move reflection. The last
-# three keep the pretraining and lrs the experiment ran with (1c4344d), before the speedrun's
-# default (docs/speedrun.md) shortened pretraining to 500 steps and sped up embedding and head.
+# four keep the pretraining, lrs and model the experiment ran with (1c4344d), before the
+# speedrun's default (docs/speedrun.md) shortened pretraining to 500 steps, sped up embedding and
+# head, and halved the dense layer's width.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 AHA=(--edge_weight 0.1 --verify_frac 0.15 --retry_frac 0.15 --block_size 256 --batch_size 16
      --max_new_tokens 256 --grpo_steps 60 --pretrain_steps 800 --embed_lr_mult 1
-     --grpo_head_lr_mult 1)
+     --grpo_head_lr_mult 1 --inter_dim 512)
 
 if [ "${1:-}" = "experiment" ]; then
     shift
