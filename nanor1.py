@@ -56,8 +56,8 @@ from data.reflect import COUNT_FIELDS, counts_vector
 from moe import KVCache, ModelConfig, Transformer
 import report
 from plumbing import (MODEL_STAGES, Progress, RECIPE_STAGES, accum_steps, all_reduce_sum, autocast,
-                      checkpoint_or_stop, clipped_step, epoch_batches, export_hf, grpo_rank_shares,
-                      install_signal_handlers, is_ddp, level_weights, load_base_model,
+                      checkpoint_or_stop, clipped_step, epoch_batches, export_hf, grad_sync,
+                      grpo_rank_shares, install_signal_handlers, level_weights, load_base_model,
                       load_stage_model, log_metrics, mark_unlearned, pack_rows, pack_sequences,
                       pad_left, peak_flops, prepare_out_dir, pretrain_progress, print0,
                       rank_and_world, read_problems, read_resume_checkpoint, read_sft_data,
@@ -230,8 +230,7 @@ def lr_at(step: int, total: int, cfg: Config, base_lr: float) -> float:
     return base_lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * cosine)
 
 
-def make_optimizer(model, lr, weight_decay, device, muon: bool = False, lr_mult: dict = None,
-                   momentum: float = 0.95):
+def make_optimizer(model, lr, weight_decay, device, muon=False, lr_mult=None, momentum=0.95):
     """AdamW; weight decay on the matrices only (not on norms, which would pull them to 0).
     muon: the hidden matrices (attention, FFNs, experts) take Muon instead, which orthogonalises
     each momentum update by Newton-Schulz (Jordan et al. 2024), scaled to AdamW's update size as
@@ -280,8 +279,7 @@ def pretrain(cfg: Config, model: Transformer, device, rank: int, world: int, tes
             lr = lr_at(step, total, cfg, cfg.lr)
             for micro in range(accum):
                 x, y = (t.to(device) for t in batch(step, micro))
-                sync = micro == accum - 1 or not is_ddp(ddp)   # DDP syncs grads on the last one
-                with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                with grad_sync(ddp, last=micro == accum - 1):   # DDP syncs on the last one only
                     with autocast(cfg, device):
                         # each packed document attends to itself only, as a prompt alone would
                         logits, aux = fwd(x, doc_ids=(x == EOT).cumsum(1))
@@ -407,9 +405,8 @@ def evaluate(model, tests: dict, cfg: Config, device, greedy: bool = True, seed:
     for i in range(0, len(items), cfg.eval_batch):
         chunk = items[i:i + cfg.eval_batch]
         comps, mask, truncated = generate(model, [prompt_tokens(p) + forced for _, p in chunk],
-                                          cfg.max_new_tokens, temperature=cfg.temperature,
-                                          greedy=greedy, generator=gen,
-                                          autocast_ctx=autocast(cfg, device))
+                                          cfg.max_new_tokens, cfg.temperature, greedy=greedy,
+                                          generator=gen, autocast_ctx=autocast(cfg, device))
         lengths = response_lengths(mask, truncated).tolist()
         for (li, p), comp, n in zip(chunk, comps, lengths):
             text = enc.decode(forced) + completion_text(comp)   # the forced tag is its own
@@ -685,9 +682,8 @@ def rejection_sample(cfg: Config, model: Transformer, problems: list, k: int, de
                      seed: int = 0, path: str = "") -> list:
     """R1's rejection sampling (sec 2.3.3): k sampled completions per problem, kept iff right and
     well formed (accuracy and format reward both 1), each distinct (problem, completion) once.
-    Training problems only: a held-out one would leak the test set into the fine-tuning data.
     -> {level, problem, answer, prompt, completion} records, also written to path."""
-    only_training(problems, "rejection sampling")
+    only_training(problems, "rejection sampling")   # a held-out one would leak the test set
     gen = torch.Generator(device=device).manual_seed(seed)
     kept, seen, right = [], set(), 0
     per_batch = max(1, cfg.eval_batch // k)                  # problems per generation batch
@@ -710,8 +706,7 @@ def rejection_sample(cfg: Config, model: Transformer, problems: list, k: int, de
     return kept
 
 
-def finish_stage(cfg: Config, name: str, seconds: float, model, tests: dict, device,
-                 save: bool = True, **extra):
+def finish_stage(cfg: Config, name: str, seconds: float, model, tests, device, save=True, **extra):
     """Save the stage's model (cfg.out_dir/model.pt), measure it -> its summary record."""
     if save:
         save_checkpoint(os.path.join(cfg.out_dir, "model.pt"), model, cfg, stage=name)
@@ -838,15 +833,13 @@ def main(argv=None):
         return export_hf(cfg, EOT) if cfg.stage == "export" else ask(cfg, device)
     prepare_out_dir(cfg, rank)
     # --resume: read and check the checkpoint before anything runs or is written
-    resume = read_resume_checkpoint(cfg, device, enc.n_vocab) if cfg.resume else None
-    resume_grpo = resume if resume is not None and resume["stage"] == "grpo" else None
+    resume, resume_grpo = read_resume_checkpoint(cfg, device, enc.n_vocab)   # grpo's: GRPO wrote it
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tests = test_set(cfg.n_test, levels=run_levels(cfg)[0])
     wall, t0 = {}, time.time()
     if cfg.stage in RECIPE_STAGES:   # the rest of the R1 recipe, in one process (see validate)
-        print0(f"nanor1 | stage {cfg.stage} | device {device} | seed {cfg.seed} | "
-               f"out {cfg.out_dir}/{cfg.stage}/")
+        print0(report.recipe_banner(cfg, device))
         stages, extra = RECIPE[cfg.stage](cfg, device, tests)
         return report.finish_recipe(cfg, stages, extra, time.time() - t0)
     start_metrics(cfg, resume, rank)

@@ -483,6 +483,12 @@ def wrap_ddp(model, device):
         find_unused_parameters=True, forward_sync_buffers=False)
 
 
+def grad_sync(ddp, last: bool):
+    """The context of a micro-step's backward: a DDP model all-reduces its gradients on the last
+    micro-step only (no_sync before it); a plain model has nothing to sync."""
+    return contextlib.nullcontext() if last or not is_ddp(ddp) else ddp.no_sync()
+
+
 def is_ddp(model) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
@@ -810,13 +816,16 @@ RESUME_FREE = {"stage", "out_dir", "init_from", "resume", "device", "threads", "
                "student_pretrain_steps", "student_grpo_steps"}
 
 
-def read_resume_checkpoint(cfg, device, vocab_size: int):
+def read_resume_checkpoint(cfg, device, vocab_size: int) -> tuple:
     """--resume: out_dir/ckpt.pt, checked against this run's settings before anything runs or is
-    written. None if there is none yet: the run was stopped before its first checkpoint."""
+    written -> (checkpoint, the checkpoint if GRPO wrote it); (None, None) without --resume, or if
+    there is none yet (the run was stopped before its first checkpoint)."""
+    if not cfg.resume:
+        return None, None
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not os.path.exists(path):
         print0(f"--resume: no {path} yet, so starting from the beginning")
-        return None
+        return None, None
     ckpt = read_checkpoint(path, device)
     training = {"stage", "step", "optimizer"} <= ckpt.keys()
     if not training or ckpt["stage"] not in ("pretrain", "grpo"):
@@ -838,7 +847,7 @@ def read_resume_checkpoint(cfg, device, vocab_size: int):
     if ckpt["stage"] == "grpo" and cfg.stage == "pretrain":
         config_error(f"nothing to resume with --stage pretrain: {where}, pretraining is done")
     print0(f"resuming: {where}")
-    return ckpt
+    return ckpt, (ckpt if ckpt["stage"] == "grpo" else None)
 
 
 def restore_optimizer(opt, resume) -> int:

@@ -115,6 +115,11 @@ def log_sft_step(cfg, progress, name: str, step: int, losses: list, lr: float):
     log_metrics(cfg, {"stage": name, "step": step, "loss": loss, "lr": lr})
 
 
+def recipe_banner(cfg, device) -> str:
+    return (f"nanor1 | stage {cfg.stage} | device {device} | seed {cfg.seed} | "
+            f"out {cfg.out_dir}/{cfg.stage}/")
+
+
 def grpo_banner(cfg, max_seconds: float) -> str:
     return (f"GRPO: {'up to ' if max_seconds else ''}{cfg.grpo_steps} steps x "
             f"{cfg.prompts_per_step} prompts x G={cfg.group_size}, lr {cfg.grpo_lr}, "
