@@ -833,7 +833,7 @@ def main(argv=None):
         return export_hf(cfg, EOT) if cfg.stage == "export" else ask(cfg, device)
     prepare_out_dir(cfg, rank)
     # --resume: read and check the checkpoint before anything runs or is written
-    resume, resume_grpo = read_resume_checkpoint(cfg, device, enc.n_vocab)   # grpo's: GRPO wrote it
+    resume, resume_grpo = read_resume_checkpoint(cfg, device, enc.n_vocab)   # 2nd: GRPO's, or None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tests = test_set(cfg.n_test, levels=run_levels(cfg)[0])

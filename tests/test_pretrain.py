@@ -443,7 +443,7 @@ def test_muon_shards_step_side_by_side_and_as_one_muon_would():
     opt_b = nanor1.make_optimizer(b, 1e-2, 0.1, torch.device("cpu"), muon=True)
     hidden = [p for s in opt_b.opts[:2] for g in s.param_groups for p in g["params"]]
     serial = plumbing.Optimizers(torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.1,
-                                                adjust_lr_fn="match_rms_adamw"), opt_b.opts[2])
+                                                  adjust_lr_fn="match_rms_adamw"), opt_b.opts[2])
     try:
         torch.set_num_threads(1)
         train(b, serial)
