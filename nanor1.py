@@ -129,7 +129,7 @@ class Config:
     drop_zero_std: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
     acc_weight: float = 1.0     # reward = acc_weight * accuracy + format_weight * format
     format_weight: float = 0.2
-    grpo_eval_every: int = 10   # held-out eval during GRPO (0 = only at the end)
+    grpo_eval_every: int = 10   # held-out eval during GRPO (0 = none; the result's follows it)
     grpo_ckpt_every: int = 50   # write out_dir/ckpt.pt every N GRPO steps (and at the end)
     grpo_eval_n: int = 50       # problems per level for those evals
     eval_batch: int = 256       # sequences per generation batch (evaluation, rejection sampling)
@@ -611,11 +611,13 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
             rec["reflection"] = report.sampled_reflection(problems, texts, list(tests), device)
             last = step + 1 == total or progress.out_of_time()
             progress.line(step + 1, report.grpo_fields(rec), last=last)
-            if (cfg.grpo_eval_every and (step + 1) % cfg.grpo_eval_every == 0) or last:
+            look = cfg.grpo_eval_every and (step + 1) % cfg.grpo_eval_every == 0
+            if look and not last:   # the last step's look is the caller's evaluation of the result
                 rec["heldout"] = evaluate(model, subset(tests, cfg.grpo_eval_n), cfg, device)
-                rec["samples"] = report.group_samples(problems, texts, rewards, acc, advantages, G)
                 print0(f"  held-out (greedy, {cfg.grpo_eval_n}/level): "
                        + levels_line(rec["heldout"]))
+            if look or last:
+                rec["samples"] = report.group_samples(problems, texts, rewards, acc, advantages, G)
             log_metrics(cfg, rec)
             history.append(rec)
             checkpoint_or_stop(cfg, model, opt, "grpo", step + 1, step + 1 if last else total,

@@ -350,9 +350,9 @@ def make_plots(cfg, base: dict, final: dict, reflection: dict = None):
 
         ax[1].plot(steps, smooth_rates([r["reward"] for r in rl]), label="train reward")
         ax[1].plot(steps, smooth_rates([r["acc"] for r in rl]), label="train accuracy")
-        # held-out greedy evaluations, the base model's at GRPO step 0
-        ev_steps = [0] + [r["step"] for r in ev]
-        ev_res = [base] + [r["heldout"] for r in ev]
+        # held-out greedy evaluations: the base's at GRPO step 0, GRPO's looks, the final model's
+        ev_steps = [0] + [r["step"] for r in ev] + ([steps[-1]] if final else [])
+        ev_res = [base] + [r["heldout"] for r in ev] + ([final] if final else [])
         ax[1].plot(ev_steps, [r["overall"]["accuracy"] for r in ev_res], "o-",
                    label="held-out accuracy (greedy)")
         ax[1].set(title="GRPO: reward and accuracy", xlabel="GRPO step", ylim=(0, 1.25))

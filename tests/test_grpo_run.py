@@ -71,11 +71,13 @@ def test_grpo_raises_the_toy_reward(tmp_path):
     assert len(rewards) == cfg.grpo_steps
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
     assert history[-1]["kl"] > 0, "the policy moved away from the reference"
-    # one metrics record per step, with the held-out eval at the end
+    # one metrics record per step; no held-out look (grpo_eval_every=0; the caller evaluates the
+    # result), and the last step keeps a group of its samples for samples.html
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in recs] == list(range(1, cfg.grpo_steps + 1))
     assert all(r["stage"] == "grpo" for r in recs)
-    assert "heldout" in recs[-1] and "heldout" not in recs[0]
+    assert not any("heldout" in r for r in recs)
+    assert "samples" in recs[-1] and "samples" not in recs[0]
 
 
 @pytest.mark.parametrize("variant", [

@@ -160,6 +160,8 @@ def test_a_run_writes_the_base_and_final_answers_and_each_evaluation_steps_group
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in recs if r["stage"] == "grpo"]
     assert [len(r["samples"]) for r in steps] == [4, 4], "each evaluation step: its first group"
+    # a held-out look at step 1 (--grpo_eval_every 1); the last step's is the final evaluation
+    assert ["heldout" in r for r in steps] == [True, False]
     for r in steps:
         group = r["samples"]
         assert len({s["problem"] for s in group}) == 1
