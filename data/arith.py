@@ -136,7 +136,7 @@ def resolve(ops: list) -> list:
     for a, op, b in ops:
         a = prev if a is None else a
         out.append((a, op, b))
-        prev = column_steps(a, op, b)[1]
+        prev = a + b if op == "+" else a - b if op == "-" else a * b
     return out
 
 
@@ -257,8 +257,9 @@ def make_problem(level: str, rng: random.Random) -> Problem:
             text, ops = f"{a}*{b}", mul2_ops(a, b)
         else:
             raise ValueError(f"unknown level {level!r}; levels are {', '.join(ALL_LEVELS)}")
+        ops = resolve(ops)
         solution, answer = worked_solution(ops)
-        return Problem(level, text, answer, solution, tuple(resolve(ops)))
+        return Problem(level, text, answer, solution, tuple(ops))
 
 
 def training_problems(rng: random.Random, levels=LEVELS, weights=None):
