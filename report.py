@@ -374,7 +374,7 @@ def make_plots(cfg, base: dict, final: dict, reflection: dict = None):
         tw.plot(ev_steps, [r["overall"]["think_rate"] for r in ev_res], "s--", color="C2",
                 label="think rate")
         tw.set(ylabel="share of answers that think", ylim=(0, 1.05))
-        ax[5].legend(loc="upper left")
+        ax[5].legend(loc="center right")   # clear of both curves, which rise to the top left
         tw.legend(loc="lower right")
         edge = next((k for k in base if k not in LEVELS and k != "overall"), "overall")
         reflection_panels(ax[6], ax[7], rl, reflection or {}, edge)
@@ -404,7 +404,7 @@ def make_plots(cfg, base: dict, final: dict, reflection: dict = None):
         ax[4].set(title="expert load balance (busiest expert / mean)", xlabel="training step",
                   ylabel="max load / mean load")
         ax[4].legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.045, right=0.955, bottom=0.07, top=0.95, wspace=0.32, hspace=0.3)
     fig.savefig(os.path.join(cfg.out_dir, "nanor1.png"), dpi=110)
     plt.close(fig)
 
