@@ -109,7 +109,7 @@ class Config:
     muon_momentum: float = 0.95  # with muon: its momentum (torch's default)
     grad_clip: float = 1.0
     log_every: int = 100
-    eval_every: int = 200   # quick held-out eval during pretraining (0 = never)
+    eval_every: int = 250   # quick held-out eval during pretraining (0 = never)
     ckpt_every: int = 250   # write out_dir/ckpt.pt every N pretraining steps (and at the end)
     # GRPO
     grpo_steps: int = 20
