@@ -28,7 +28,7 @@ Where nanor1 departs from DeepSeek-R1-Zero, and why:
      use for instructions. The format reward asks for the same <think>/<answer> shape.
   4. Rewards are rule-based as in R1-Zero (accuracy + format); GRPO as in DeepSeekMath, with the
      Dr. GRPO and DAPO variants as flags (--scale_by_std, --agg, --clip_high, --drop_zero_std).
-  5. Everything is tiny (~1.3M parameters, groups of 8, 20 RL steps), and pretraining uses Muon
+  5. Everything is tiny (~1.3M parameters, groups of 8, 15 RL steps), and pretraining uses Muon
      (as Moonlight does) where V3 used AdamW: the same skill in far fewer steps.
   6. DeepSeek-R1's multi-stage recipe (--stage r1) and distillation (--stage distill) are here in
      miniature, simplified as said in their section.
@@ -112,7 +112,7 @@ class Config:
     eval_every: int = 250   # quick held-out eval during pretraining (0 = never)
     ckpt_every: int = 250   # write out_dir/ckpt.pt every N pretraining steps (and at the end)
     # GRPO
-    grpo_steps: int = 20
+    grpo_steps: int = 15
     prompts_per_step: int = 8   # global, across ranks
     group_size: int = 8         # G completions per prompt
     max_new_tokens: int = 128
@@ -354,8 +354,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature
     cache = KVCache(model.cfg, B, P + max_new_tokens, attn_impl="absorb", device=device)
     out = torch.full((B, max_new_tokens), EOT, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    # inference mode: ~10% less per decoding step than no_grad alone (no autograd bookkeeping)
-    with torch.inference_mode(), autocast_ctx or contextlib.nullcontext():
+    with torch.inference_mode(), autocast_ctx or contextlib.nullcontext():   # no autograd at all
         logits, _ = model(tokens, cache=cache, key_mask=key_mask)               # prefill
         for t in range(max_new_tokens):
             last = logits[:, -1].float()
@@ -613,9 +612,8 @@ def grpo(cfg: Config, model: Transformer, ref: Transformer, device, rank: int, w
             progress.line(step + 1, report.grpo_fields(rec), last=last)
             look = cfg.grpo_eval_every and (step + 1) % cfg.grpo_eval_every == 0
             if look and not last:   # the last step's look is the caller's evaluation of the result
-                rec["heldout"] = evaluate(model, subset(tests, cfg.grpo_eval_n), cfg, device)
-                print0(f"  held-out (greedy, {cfg.grpo_eval_n}/level): "
-                       + levels_line(rec["heldout"]))
+                held = rec["heldout"] = evaluate(model, subset(tests, cfg.grpo_eval_n), cfg, device)
+                print0(f"  held-out (greedy, {cfg.grpo_eval_n}/level): " + levels_line(held))
             if look or last:
                 rec["samples"] = report.group_samples(problems, texts, rewards, acc, advantages, G)
             log_metrics(cfg, rec)
