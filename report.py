@@ -374,7 +374,7 @@ def make_plots(cfg, base: dict, final: dict, reflection: dict = None):
         tw.plot(ev_steps, [r["overall"]["think_rate"] for r in ev_res], "s--", color="C2",
                 label="think rate")
         tw.set(ylabel="share of answers that think", ylim=(0, 1.05))
-        ax[5].legend(loc="center right")   # clear of both curves, which rise to the top left
+        ax[5].legend(loc="center right")   # clear of both curves, at the top by then
         tw.legend(loc="lower right")
         edge = next((k for k in base if k not in LEVELS and k != "overall"), "overall")
         reflection_panels(ax[6], ax[7], rl, reflection or {}, edge)
