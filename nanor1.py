@@ -63,8 +63,8 @@ from plumbing import (MODEL_STAGES, Progress, RECIPE_STAGES, accum_steps, all_re
                       rank_and_world, read_problems, read_resume_checkpoint, read_sft_data,
                       remember_resume_flags, response_lengths, restore_optimizer, run_levels,
                       sample, save_checkpoint, setup, sft_rows, side_by_side_muon, stage_cfg,
-                      start_metrics, student_config, teardown, trained_levels, training_loop,
-                      wrap_ddp, write_jsonl)
+                      start_metrics, student_config, teardown, through_first, trained_levels,
+                      training_loop, wrap_ddp, write_jsonl)
 from plumbing import parse_args as parse_flags
 from report import levels_line
 
@@ -374,9 +374,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, temperature
             logits, _ = model(nxt[:, None], start_pos=P + t, cache=cache)      # one token, cached
     model.train(was_training)
     out = out[:, :t + 1]
-    is_eot = (out == EOT).int()
-    mask = (is_eot.cumsum(1) - is_eot) == 0                                    # up to the first EOT
-    return out, mask, ~done
+    return out, through_first(out, EOT), ~done
 
 
 def completion_text(tokens: torch.Tensor) -> str:

@@ -306,6 +306,12 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def through_first(tokens: torch.Tensor, eot: int) -> torch.Tensor:
+    """(B, L) -> bool (B, L): True up to and including each row's first eot (all True without)."""
+    is_eot = (tokens == eot).int()
+    return (is_eot.cumsum(1) - is_eot) == 0
+
+
 def response_lengths(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
     """Tokens of each response (mask: 1 up to its first end-of-text), that end-of-text not
     counted (a truncated response has none)."""
