@@ -49,7 +49,7 @@ class ModelConfig:
     # MLA
     q_lora_rank: int = 0            # 0 = plain wq; >0 = low-rank wq_a -> q_norm -> wq_b
     kv_lora_rank: int = 64          # d_c: width of the compressed KV latent c_KV
-    qk_nope_head_dim: int = 32      # per-head query/key width without rope
+    qk_nope_head_dim: int = 16      # per-head query/key width without rope (16 + 16 = v's 32)
     qk_rope_head_dim: int = 16      # per-head rope width (k_R is shared by all heads)
     v_head_dim: int = 32
     rope_theta: float = 10000.0
