@@ -1120,6 +1120,19 @@ def _cpu_matmul_peak(threads: int) -> float:
     return 2 * n ** 3 / best
 
 
+def peak_memory_gb(device) -> float:
+    """The most memory this process has held so far, in GB: the CUDA allocator's peak on a GPU,
+    the resident set's on a CPU (None where the platform cannot say)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        import resource
+    except ImportError:   # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+
 def mfu(flops_per_token: float, tokens_per_second: float, world: int, peak) -> str:
     """Model FLOP utilisation of one rank, as text ("unknown" without a peak)."""
     return f"{100 * flops_per_token * tokens_per_second / world / peak:.0f}%" if peak else "unknown"

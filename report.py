@@ -13,7 +13,8 @@ import torch
 
 from data import ALL_LEVELS, EDGE_LEVEL, LEVELS, OUTSIDE, is_heldout
 from data.reflect import COUNT_FIELDS, RATE_FIELDS, counts_vector, reflection_rates
-from plumbing import all_reduce_sum, atomic_write, fmt_time, log_metrics, mfu, print0, write_json
+from plumbing import (all_reduce_sum, atomic_write, fmt_time, log_metrics, mfu, peak_memory_gb,
+                      print0, write_json)
 
 
 def levels_line(res: dict) -> str:
@@ -105,7 +106,7 @@ def log_pretrain_step(cfg, progress, step: int, losses: list, lr: float, loads, 
     progress.line(step, f"loss {loss:.3f} | lr {lr:.1e} | {1000 * dt:.0f}ms | "
                         f"{tok_s / 1e3:.1f}k tok/s | mfu {util} | expert max/mean {busiest:.2f}")
     log_metrics(cfg, {"stage": "pretrain", "step": step, "loss": loss, "lr": lr, "tok_s": tok_s,
-                      "expert_load": loads.tolist()})
+                      "expert_load": loads.tolist(), "peak_mem_gb": peak_memory_gb(device)})
 
 
 def log_sft_step(cfg, progress, name: str, step: int, losses: list, lr: float):
@@ -143,7 +144,8 @@ def grpo_record(step: int, rewards, acc, fmt, lengths, texts, zero_std, truncate
                       zero_std.float().mean(), truncated.float().mean().item(), stats["loss"]],
                      dtype=torch.float64)
     m = (all_reduce_sum(m.to(device)) / world).cpu().tolist()
-    rec = dict(zip(GRPO_KEYS, m), stage="grpo", step=step, t_gen=t_gen, t_update=t_update)
+    rec = dict(zip(GRPO_KEYS, m), stage="grpo", step=step, t_gen=t_gen, t_update=t_update,
+               peak_mem_gb=peak_memory_gb(device))
     if loads is not None and loads.numel():
         rec["expert_load"] = loads.tolist()
     return rec
