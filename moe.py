@@ -37,7 +37,7 @@ class ModelConfig:
     moe_inter_dim: int = 128        # hidden width of each routed (and shared) expert
     n_layers: int = 3
     n_dense_layers: int = 1         # the first layers use a dense FFN instead of MoE
-    n_heads: int = 4
+    n_heads: int = 3
     # MoE
     n_routed_experts: int = 8
     n_shared_experts: int = 1
