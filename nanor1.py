@@ -28,7 +28,7 @@ Where nanor1 departs from DeepSeek-R1-Zero, and why:
      use for instructions. The format reward asks for the same <think>/<answer> shape.
   4. Rewards are rule-based as in R1-Zero (accuracy + format); GRPO as in DeepSeekMath, with the
      Dr. GRPO and DAPO variants as flags (--scale_by_std, --agg, --clip_high, --drop_zero_std).
-  5. Everything is tiny (~1.3M parameters, groups of 8, 15 RL steps), and pretraining uses Muon
+  5. Everything is tiny (~1.2M parameters, groups of 8, 15 RL steps), and pretraining uses Muon
      (as Moonlight does) where V3 used AdamW: the same skill in far fewer steps.
   6. DeepSeek-R1's multi-stage recipe (--stage r1) and distillation (--stage distill) are here in
      miniature, simplified as said in their section.
