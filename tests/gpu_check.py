@@ -291,6 +291,8 @@ def main(argv=None):
     print("bf16 vs fp32:", json.dumps(res["bf16"]), flush=True)
     res["step"] = step_profile(cfg, device, timed=4 if args.smoke else 20, profiled=3)
     print("step:", json.dumps(res["step"]), flush=True)
+    if device.type == "cuda":                  # leave train.sh's ranks the memory this one held
+        torch.cuda.empty_cache()
     run_dir = os.path.join(out_dir, "run")
     shutil.rmtree(run_dir, ignore_errors=True)
     t = time.time()
