@@ -255,7 +255,8 @@ class Gate(nn.Module):
         """x: (N, dim) -> weights (N, k), indices (N, k), scores (N, E) un-biased, in fp32."""
         # BEGIN ASSIGNMENT gate
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())                    # router math in fp32
+        with torch.autocast(x.device.type, enabled=False):    # router math in fp32, also where
+            logits = F.linear(x.float(), self.weight.float())  # autocast would make it bf16
         scores = logits.softmax(dim=-1) if cfg.score_func == "softmax" else logits.sigmoid()
         choice = scores + self.bias                                              # (N, E)
         if cfg.n_expert_groups > 1:

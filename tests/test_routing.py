@@ -132,6 +132,26 @@ def test_large_bias_forces_expert_but_weight_comes_from_unbiased_score(kw):
 
 
 @pytest.mark.gate
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_router_math_stays_fp32_under_bf16_autocast(score_func):
+    """On a GPU the model runs under bf16 autocast, which would cast the router's matmul to bf16
+    and let rounding flip which experts a token picks: the gate must give, in fp32, the scores and
+    choices it gives without autocast (and the brute-force router's weights)."""
+    cfg = tiny_cfg(score_func=score_func)
+    gate = random_gate(cfg, bias_std=0.01)
+    x = torch.randn(256, cfg.dim)
+    ref = gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gate(x)
+    assert got[2].dtype == torch.float32 and got[0].dtype == torch.float32
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    want = [brute_route(x[t], gate.weight, gate.bias, cfg) for t in range(x.size(0))]
+    assert torch.allclose(dense(*got[:2], cfg.n_routed_experts),
+                          dense(*ref[:2], cfg.n_routed_experts))
+    assert all(set(w) == set(got[1][t].tolist()) for t, w in enumerate(want))
+
+
+@pytest.mark.gate
 def test_group_limited_routing_uses_sum_of_top2_biased_scores():
     # 12 experts in 3 groups of 4, keep 1 group, top-2. Hand-set logits so that the group with the
     # single best expert (group 0) loses to group 1 on the sum of its top 2.
