@@ -14,12 +14,13 @@ What it does, in order, printing as it goes:
      timed (tokens/s, MFU), then a few under torch.profiler: how much of a step the GPU is busy,
      the host syncs per step (each MoE layer's counts.tolist(), the loss and grad-norm .item()),
      and the kernels that take the time
-  4. the real command: `bash train.sh` (the preset, torchrun on every visible GPU) for
-     --pretrain_steps 300 and --grpo_steps 5 into out-gpucheck/, its metrics.jsonl summarised:
+  4. the real command: `bash train.sh` (the preset, torchrun on every visible GPU) for up to 300
+     pretraining steps (as many as fit in 2 minutes at the step time of 3.) and 5 GRPO steps
+     into out-gpucheck/, stopped past --timeout; its metrics.jsonl summarised:
      pretraining tokens/s and MFU, rollout tokens/s (completion tokens / sampling time), update
      time per GRPO step, peak memory
-It writes out-gpucheck/gpu_check.json and gpu_check.md (a table for the README), and copies both
-into $OUT when that is set.
+It writes out-gpucheck/gpu_check.json after each stage, and at the end gpu_check.md (a table
+for the README); into $OUT too when that is set, with train.log and the run's metrics.jsonl.
 """
 import argparse
 import contextlib
@@ -32,6 +33,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -50,6 +52,16 @@ from nanor1 import EOT, make_optimizer, pretrain_batches  # noqa: E402
 RUN_FLAGS = ["--pretrain_steps", "300", "--log_every", "25", "--eval_every", "0",
              "--ckpt_every", "0", "--grpo_steps", "5", "--grpo_eval_every", "0",
              "--grpo_ckpt_every", "0", "--n_test", "100"]
+PRETRAIN_BUDGET_S = 120   # of train.sh's pretraining, so that its GRPO steps surely come
+
+
+def run_flags(step_ms) -> list:
+    """RUN_FLAGS with as many pretraining steps as fit in PRETRAIN_BUDGET_S at the step time
+    measured in one process (a multiple of 25, from 50 to 300)."""
+    steps = int(PRETRAIN_BUDGET_S * 1000 / step_ms) // 25 * 25 if step_ms else 300
+    flags = list(RUN_FLAGS)
+    flags[flags.index("--pretrain_steps") + 1] = str(max(50, min(300, steps)))
+    return flags
 # --smoke: the CPU default shrunk, through `bash train.sh cpu` (the same script, the CPU branch)
 SMOKE_PRESET = ["--dim", "32", "--inter_dim", "64", "--moe_inter_dim", "32", "--n_layers", "2",
                 "--kv_lora_rank", "16", "--batch_size", "8", "--block_size", "128",
@@ -155,65 +167,89 @@ def step_profile(cfg, device, timed: int, profiled: int) -> dict:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     _sync(device)
-    t = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
+        t = time.perf_counter()                  # inside: not the profiler's start and stop
         for i in range(profiled):
             step(i)
         _sync(device)
-    wall = (time.perf_counter() - t) / profiled
+        wall = (time.perf_counter() - t) / profiled
     res.update(profile_summary(prof.events(), profiled, wall))
     return res
 
 
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+# the host waiting on the stream: .item(), .tolist(), .cpu() end in one of these. Not counted:
+# cudaDeviceSynchronize, which only this script (and the profiler, on exit) calls
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize")
 
 
 def profile_summary(events, steps: int, wall: float) -> dict:
     """From profiler events of `steps` steps taking `wall` s each: the GPU's busy share of a step
     (the sum of kernel times; overlapping streams would count twice, nanor1 uses one), the host's
-    sync calls per step, and the kernels that take the most time."""
+    sync calls per step, and the kernels that take the most time. The spans that record_function
+    marks on the GPU (e.g. Optimizer.step's) are annotations, not kernels."""
     kernels, syncs = {}, 0
     for e in events:
         if str(e.device_type).endswith("CUDA"):                  # a kernel, memcpy or memset
-            kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us()
+            if not getattr(e, "is_user_annotation", False):
+                kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us()
         elif e.name in SYNC_CALLS:
             syncs += 1
     busy = sum(kernels.values()) / 1e6 / steps
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
     return {"profiled_step_ms": 1000 * wall,
+            "gpu_busy_ms_per_step": 1000 * busy if kernels else None,
             "gpu_busy_frac": busy / wall if kernels else None,
             "host_syncs_per_step": syncs / steps if kernels else None,     # CUDA calls only
             "top_kernels_ms_per_step": [(name[:70], us / 1e3 / steps) for name, us in top]}
 
 
-def run_train_sh(args, out_dir: str, log_path: str) -> int:
-    """bash train.sh with the short run's flags; its output to the console and log_path. Past
-    args.timeout seconds the whole process group is stopped (and what it logged is still read)."""
+def run_train_sh(args, flags: list, out_dir: str, log_path: str) -> int:
+    """bash train.sh with the short run's flags, through run_logged."""
     if args.smoke:
-        cmd = ["bash", "train.sh", "cpu"] + SMOKE_PRESET + SMOKE_RUN
+        cmd = ["bash", "train.sh", "cpu"] + SMOKE_PRESET + SMOKE_RUN + args.train_flags
     else:
-        cmd = ["bash", "train.sh"] + RUN_FLAGS
-    cmd += ["--out_dir", out_dir] + args.train_flags
+        cmd = ["bash", "train.sh"] + flags
+    cmd += ["--out_dir", out_dir]
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    rc = run_logged(cmd, args.timeout, log_path)
+    if rc == 124:
+        print(f"gpu_check: train.sh stopped after {args.timeout} s", flush=True)
+    return rc
+
+
+def run_logged(cmd: list, timeout: float, log_path: str, grace: float = 45) -> int:
+    """cmd's output to the console and log_path; its exit code, or 124 if it was stopped. Past
+    timeout seconds (a timer: even if it prints nothing) its process group gets SIGTERM, which
+    torchrun forwards to its workers, waiting up to 30 s for them; past grace more, SIGKILL."""
+    # torchrun from this Python's environment, even where its bin/ is not on PATH
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ.get("PATH", ""))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-        deadline = time.time() + args.timeout
+                                text=True, errors="replace", env=env, start_new_session=True)
+        stopped, timers = threading.Event(), []
+
+        def signal_group(sig):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+
+        def stop():
+            stopped.set()
+            signal_group(signal.SIGTERM)
+            timers.append(threading.Timer(grace, signal_group, (signal.SIGKILL,)))
+            timers[-1].start()
+        timers.append(threading.Timer(timeout, stop))    # fires even if cmd prints nothing
+        timers[0].start()
         try:
             for line in proc.stdout:
                 sys.stdout.write(line)
                 log.write(line)
-                if time.time() > deadline:
-                    raise TimeoutError
-            return proc.wait()
-        except (TimeoutError, KeyboardInterrupt):
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-            print(f"gpu_check: train.sh stopped after {args.timeout} s", flush=True)
-            return 124
+        except KeyboardInterrupt:
+            stop()
+        rc = proc.wait()
+        for t in list(timers):
+            t.cancel()
+        return 124 if stopped.is_set() else rc
 
 
 def summarize_metrics(records: list, sequences_per_step: int, flops_per_token: float,
@@ -254,7 +290,9 @@ def markdown(res: dict) -> str:
                                     f"{res['bf16']['loss_bf16']:.4f}"),
             ("pretraining step (preset, one process)", f"{f(st.get('step_ms'), '.0f')} ms, "
              f"{f(st.get('tok_s'), ',.0f')} tok/s, MFU {f(st.get('mfu'), '.1%')}"),
-            ("GPU busy in a step", f(st.get("gpu_busy_frac"), ".0%")),
+            ("GPU busy in a step", f"{f(st.get('gpu_busy_frac'), '.0%')} (kernels "
+                                   f"{f(st.get('gpu_busy_ms_per_step'), '.0f')} ms of a profiled "
+                                   f"{f(st.get('profiled_step_ms'), '.0f')} ms)"),
             ("host syncs per step", f(st.get("host_syncs_per_step"), ".0f")),
             ("train.sh: pretraining", f"{f(run.get('pretrain_tok_s'), ',.0f')} tok/s, "
                                       f"MFU {f(run.get('pretrain_mfu'), '.1%')}"),
@@ -271,10 +309,38 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(res: dict, out_dir: str, final: bool = False) -> str:
+    """gpu_check.json (and, at the end, gpu_check.md, train.log and the run's metrics.jsonl) into
+    out_dir and $OUT, after every stage: a lent GPU's time is short, a later stage may not end."""
+    md = markdown(res) if final else ""
+    for d in filter(None, (out_dir, os.environ.get("OUT"))):
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "gpu_check.json"), "w") as fh:
+            json.dump(res, fh, indent=1)
+        if final:
+            with open(os.path.join(d, "gpu_check.md"), "w") as fh:
+                fh.write(md)
+            for src in ("train.log", os.path.join("run", "metrics.jsonl")):
+                path = os.path.join(out_dir, src)
+                if d != out_dir and os.path.exists(path):
+                    shutil.copy(path, os.path.join(d, os.path.basename(src)))
+    return md
+
+
+def read_records(path: str) -> list:
+    """metrics.jsonl's records; a last line cut short by a stopped run is skipped."""
+    records = []
+    with contextlib.suppress(FileNotFoundError), open(path) as fh:
+        for line in fh:
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+    return records
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, toy sizes: check the script itself")
-    ap.add_argument("--timeout", type=int, default=360, help="seconds train.sh may run")
+    ap.add_argument("--timeout", type=int, default=270, help="seconds train.sh may run")
     ap.add_argument("--out_dir", default="out-gpucheck")
     ap.add_argument("train_flags", nargs="*", help="more nanor1.py flags for train.sh's run")
     args = ap.parse_args(argv)
@@ -289,33 +355,26 @@ def main(argv=None):
     print("environment:", json.dumps(res["environment"]), flush=True)
     res["bf16"] = bf16_check(cfg, device)
     print("bf16 vs fp32:", json.dumps(res["bf16"]), flush=True)
+    save(res, out_dir)
     res["step"] = step_profile(cfg, device, timed=4 if args.smoke else 20, profiled=3)
     print("step:", json.dumps(res["step"]), flush=True)
+    save(res, out_dir)
     if device.type == "cuda":                  # leave train.sh's ranks the memory this one held
         torch.cuda.empty_cache()
     run_dir = os.path.join(out_dir, "run")
     shutil.rmtree(run_dir, ignore_errors=True)
     t = time.time()
-    rc = run_train_sh(args, run_dir, os.path.join(out_dir, "train.log"))
-    records = []
-    with contextlib.suppress(FileNotFoundError):
-        with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-            records = [json.loads(line) for line in fh if line.strip()]
-    run_cfg = cfg if args.smoke else nanor1.parse_args(flags + RUN_FLAGS + args.train_flags)
+    train_flags = run_flags(res["step"]["step_ms"]) + args.train_flags
+    rc = run_train_sh(args, train_flags, run_dir, os.path.join(out_dir, "train.log"))
+    records = read_records(os.path.join(run_dir, "metrics.jsonl"))
+    run_cfg = cfg if args.smoke else nanor1.parse_args(flags + train_flags)
     world = 1 if args.smoke else torch.cuda.device_count()
     res["run"] = summarize_metrics(records, run_cfg.prompts_per_step * run_cfg.group_size,
                                    res["step"]["flops_per_token"], world,
                                    res["environment"]["peak_flops"])
     res["run"].update(rc=rc, wall_s=time.time() - t, world=world)
     print("train.sh:", json.dumps(res["run"]), flush=True)
-    md = markdown(res)
-    print(md)
-    for d in filter(None, (out_dir, os.environ.get("OUT"))):
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "gpu_check.json"), "w") as fh:
-            json.dump(res, fh, indent=1)
-        with open(os.path.join(d, "gpu_check.md"), "w") as fh:
-            fh.write(md)
+    print(save(res, out_dir, final=True))
     return 0 if rc == 0 else 1
 
 

@@ -55,9 +55,10 @@ def test_summarize_metrics_by_hand():
     assert one["pretrain_tok_s"] == 100.0 and one["pretrain_mfu"] is None
 
 
-def _event(name, device, start, end):
+def _event(name, device, start, end, annotation=False):
     span = SimpleNamespace(elapsed_us=lambda: end - start)
-    return SimpleNamespace(name=name, device_type=f"DeviceType.{device}", time_range=span)
+    return SimpleNamespace(name=name, device_type=f"DeviceType.{device}", time_range=span,
+                           is_user_annotation=annotation)
 
 
 def test_profile_summary_by_hand():
@@ -66,10 +67,14 @@ def test_profile_summary_by_hand():
               _event("softmax_kernel", "CUDA", 9000, 10000),
               _event("cudaStreamSynchronize", "CPU", 0, 10), _event("cudaStreamSynchronize", "CPU",
                                                                     20, 30),
-              _event("cudaDeviceSynchronize", "CPU", 40, 50)]
+              _event("cudaEventSynchronize", "CPU", 35, 38),
+              _event("cudaDeviceSynchronize", "CPU", 40, 50),         # the script's own: not one
+              # Optimizer.step's record_function span, shown on the GPU's timeline: not a kernel
+              _event("Optimizer.step#Muon.step", "CUDA", 0, 9000, annotation=True)]
     s = gpu_check.profile_summary(events, steps=2, wall=0.01)       # two steps of 10 ms
     # kernels 3 + 3 + 1 = 7 ms over two steps: 3.5 ms busy of each 10 ms step
     assert s["gpu_busy_frac"] == pytest.approx(0.35)
+    assert s["gpu_busy_ms_per_step"] == pytest.approx(3.5)
     assert s["host_syncs_per_step"] == 1.5
     assert s["profiled_step_ms"] == pytest.approx(10.0)
     assert s["top_kernels_ms_per_step"] == [("gemm_kernel", 3.0), ("softmax_kernel", 0.5)]
@@ -89,3 +94,34 @@ def test_cpu_peak_memory_matches_the_kernels_count():
     hwm_gb = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024 / 1e9
     assert got >= block.numel() * 4 / 1e9
     assert got == pytest.approx(hwm_gb, rel=0.02)
+
+
+def test_pretraining_steps_fit_the_budget():
+    """As many steps as fit in PRETRAIN_BUDGET_S (120 s) at the measured step, in 25s, 50-300."""
+    steps = lambda ms: int(dict(zip(*[iter(gpu_check.run_flags(ms))] * 2))["--pretrain_steps"])
+    assert gpu_check.PRETRAIN_BUDGET_S == 120
+    assert [steps(ms) for ms in (100, 400, 450, 1000, 5000, None)] == [300, 300, 250, 100, 50, 300]
+    assert gpu_check.RUN_FLAGS[gpu_check.RUN_FLAGS.index("--pretrain_steps") + 1] == "300"
+
+
+def test_a_silent_command_is_stopped_at_the_timeout(tmp_path):
+    """The watchdog stops a command that prints nothing; one that ignores SIGTERM is killed once
+    the grace has passed; a command that ends keeps its exit code and its output is logged."""
+    import time
+    log = str(tmp_path / "log")
+    t = time.monotonic()
+    assert gpu_check.run_logged(["bash", "-c", "echo hi; sleep 60"], 1, log, grace=5) == 124
+    assert time.monotonic() - t < 10 and open(log).read() == "hi\n"
+    t = time.monotonic()
+    stubborn = ["bash", "-c", "trap '' TERM; sleep 60 & wait; sleep 60"]
+    assert gpu_check.run_logged(stubborn, 1, log, grace=1) == 124
+    assert time.monotonic() - t < 10
+    assert gpu_check.run_logged(["bash", "-c", "echo done; exit 3"], 30, log) == 3
+    assert open(log).read() == "done\n"
+
+
+def test_a_cut_metrics_line_is_skipped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"stage": "pretrain", "tok_s": 5.0}\n{"stage": "grpo", "t_ge')
+    assert gpu_check.read_records(str(path)) == [{"stage": "pretrain", "tok_s": 5.0}]
+    assert gpu_check.read_records(str(tmp_path / "absent.jsonl")) == []
