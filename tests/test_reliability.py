@@ -7,6 +7,7 @@ import ast
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -258,6 +259,35 @@ def test_a_nan_loss_in_pretraining_stops_at_its_step_and_keeps_the_last_checkpoi
     assert ckpt["step"] == 4, "the checkpoint of step 4 is the last one, untouched"
     for k, v in model.state_dict().items():              # step 5 never reached the weights
         assert torch.isfinite(v).all() and torch.equal(v, ckpt["model"][k]), k
+
+
+@needs(*ALL)
+def test_the_gpu_default_bf16_autocast_path_trains_end_to_end_on_a_cpu(tmp_path):
+    """--dtype bfloat16 is what a GPU runs by default (--dtype auto): bf16 autocast around fp32
+    weights, with the loss and the router in fp32. Both stages end on the CPU, the pretraining
+    loss falls as the fp32 run's does (within 1% at the end: a second code path, the same data),
+    and the checkpoints' weights stay fp32."""
+    flags = ["--threads", "1", "--device", "cpu", *TINY_MODEL, "--pretrain_steps", "60",
+             "--batch_size", "4", "--warmup_steps", "5", "--log_every", "10", "--eval_every", "0",
+             "--ckpt_every", "0", "--grpo_steps", "4", "--prompts_per_step", "2", "--group_size",
+             "4", "--max_new_tokens", "16", "--grpo_ckpt_every", "0", "--grpo_eval_every", "0",
+             "--n_test", "1", "--eval_batch", "64"]
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        run = subprocess.run([sys.executable, "nanor1.py", *flags, "--dtype", dtype, "--out_dir",
+                              str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        losses[dtype] = [r["loss"] for r in recs if r.get("stage") == "pretrain" and "loss" in r]
+        assert any(r.get("stage") == "grpo" for r in recs)
+        final = torch.load(out / "final.pt", weights_only=True)["model"]
+        assert all(v.dtype in (torch.float32, torch.int64) for v in final.values())
+    fp32, bf16 = losses["float32"], losses["bfloat16"]
+    assert len(bf16) == len(fp32) == 6 and all(math.isfinite(x) for x in bf16)
+    assert bf16[-1] < 0.7 * bf16[0]                        # it learns
+    assert abs(bf16[-1] - fp32[-1]) < 0.01 * fp32[-1]      # as much as fp32 does
 
 
 @needs(*ALL)
