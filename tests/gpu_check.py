@@ -4,6 +4,7 @@ collect this file). It measures train.sh's preset where it would really run, ins
 estimates in train.sh's header and the README:
 
     python tests/gpu_check.py            # on a CUDA machine: ~4-6 minutes (--timeout caps train.sh)
+    python tests/gpu_check.py -- --grpo_steps 3   # more nanor1.py flags for train.sh, after --
     python tests/gpu_check.py --smoke    # anywhere, on the CPU, at toy sizes: the same code path,
                                          # numbers meaningless (to check the script before a GPU)
 
@@ -24,6 +25,7 @@ for the README); into $OUT too when that is set, with train.log and the run's me
 """
 import argparse
 import contextlib
+import gc
 import json
 import os
 import random
@@ -90,6 +92,10 @@ def environment(device) -> dict:
         p = torch.cuda.get_device_properties(device)
         env.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 1e9, 1),
                    gpus_visible=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported())
+        with contextlib.suppress(OSError, subprocess.SubprocessError):   # train.sh needs Default
+            env["compute_mode"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20).stdout.strip()
     env["peak_flops"] = plumbing.peak_flops(device)
     return env
 
@@ -123,6 +129,8 @@ def _sync(device):
 def step_profile(cfg, device, timed: int, profiled: int) -> dict:
     """Pretraining steps of the model in cfg, stepped as nanor1.pretrain steps them (bf16 autocast
     on CUDA, Muon + AdamW, clipping, the router-bias update): timed ones, then profiled ones."""
+    if device.type == "cuda":                    # as nanor1's setup does (after bf16_check's fp32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device).train()
     mult = dict.fromkeys(("embed.weight", "head.weight"), cfg.embed_lr_mult)
@@ -174,6 +182,8 @@ def step_profile(cfg, device, timed: int, profiled: int) -> dict:
         _sync(device)
         wall = (time.perf_counter() - t) / profiled
     res.update(profile_summary(prof.events(), profiled, wall))
+    if res["gpu_busy_ms_per_step"] is not None:   # the profiler slows the host: against the timed
+        res["gpu_busy_frac_of_timed_step"] = res["gpu_busy_ms_per_step"] / res["step_ms"]
     return res
 
 
@@ -220,36 +230,54 @@ def run_train_sh(args, flags: list, out_dir: str, log_path: str) -> int:
 def run_logged(cmd: list, timeout: float, log_path: str, grace: float = 45) -> int:
     """cmd's output to the console and log_path; its exit code, or 124 if it was stopped. Past
     timeout seconds (a timer: even if it prints nothing) its process group gets SIGTERM, which
-    torchrun forwards to its workers, waiting up to 30 s for them; past grace more, SIGKILL."""
+    torchrun forwards to its workers, waiting up to 30 s for them; past grace more, SIGKILL. The
+    output is read in a thread, so that workers left holding the pipe cannot hang this one."""
     # torchrun from this Python's environment, even where its bin/ is not on PATH
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
                + os.environ.get("PATH", ""))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", env=env, start_new_session=True)
-        stopped, timers = threading.Event(), []
+        lock, stopped, done, timers = threading.Lock(), threading.Event(), [False], []
 
         def signal_group(sig):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
 
-        def stop():
-            stopped.set()
-            signal_group(signal.SIGTERM)
-            timers.append(threading.Timer(grace, signal_group, (signal.SIGKILL,)))
+        def start_timer(seconds, fn, *args):
+            timers.append(threading.Timer(seconds, fn, args))
+            timers[-1].daemon = True
             timers[-1].start()
-        timers.append(threading.Timer(timeout, stop))    # fires even if cmd prints nothing
-        timers[0].start()
-        try:
+
+        def stop():   # once, and never after the command has ended
+            with lock:
+                if done[0] or stopped.is_set():
+                    return
+                stopped.set()
+                signal_group(signal.SIGTERM)
+                start_timer(grace, signal_group, signal.SIGKILL)
+
+        def read():
             for line in proc.stdout:
                 sys.stdout.write(line)
+                sys.stdout.flush()
                 log.write(line)
-        except KeyboardInterrupt:
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        start_timer(timeout, stop)
+        try:
+            rc = proc.wait()
+        except BaseException:                     # Ctrl-C, or anything else: stop it too
             stop()
-        rc = proc.wait()
-        for t in list(timers):
-            t.cancel()
-        return 124 if stopped.is_set() else rc
+            rc = proc.wait()
+            raise
+        finally:
+            with lock:
+                done[0] = True
+                for t in timers:
+                    t.cancel()
+            reader.join(timeout=10)
+        return 124 if stopped.is_set() and rc != 0 else rc
 
 
 def summarize_metrics(records: list, sequences_per_step: int, flops_per_token: float,
@@ -290,8 +318,9 @@ def markdown(res: dict) -> str:
                                     f"{res['bf16']['loss_bf16']:.4f}"),
             ("pretraining step (preset, one process)", f"{f(st.get('step_ms'), '.0f')} ms, "
              f"{f(st.get('tok_s'), ',.0f')} tok/s, MFU {f(st.get('mfu'), '.1%')}"),
-            ("GPU busy in a step", f"{f(st.get('gpu_busy_frac'), '.0%')} (kernels "
-                                   f"{f(st.get('gpu_busy_ms_per_step'), '.0f')} ms of a profiled "
+            ("GPU busy in a step", f"{f(st.get('gpu_busy_frac_of_timed_step'), '.0%')} of a timed "
+                                   f"step (kernels {f(st.get('gpu_busy_ms_per_step'), '.0f')} ms; "
+                                   f"{f(st.get('gpu_busy_frac'), '.0%')} of a profiled "
                                    f"{f(st.get('profiled_step_ms'), '.0f')} ms)"),
             ("host syncs per step", f(st.get("host_syncs_per_step"), ".0f")),
             ("train.sh: pretraining", f"{f(run.get('pretrain_tok_s'), ',.0f')} tok/s, "
@@ -322,7 +351,7 @@ def save(res: dict, out_dir: str, final: bool = False) -> str:
                 fh.write(md)
             for src in ("train.log", os.path.join("run", "metrics.jsonl")):
                 path = os.path.join(out_dir, src)
-                if d != out_dir and os.path.exists(path):
+                if os.path.exists(path) and not os.path.samefile(d, out_dir):
                     shutil.copy(path, os.path.join(d, os.path.basename(src)))
     return md
 
@@ -341,14 +370,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, toy sizes: check the script itself")
     ap.add_argument("--timeout", type=int, default=270, help="seconds train.sh may run")
+    ap.add_argument("--budget", type=int, default=450,
+                    help="seconds for the whole script: train.sh's timeout shrinks to fit it")
     ap.add_argument("--out_dir", default="out-gpucheck")
     ap.add_argument("train_flags", nargs="*", help="more nanor1.py flags for train.sh's run")
     args = ap.parse_args(argv)
+    t0 = time.time()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible to torch (--smoke runs it on the CPU)")
     device = torch.device("cpu" if args.smoke else "cuda:0")
     flags = SMOKE_PRESET if args.smoke else preset_flags()
     cfg = nanor1.parse_args(flags + ["--device", device.type])
+    run_cfg = nanor1.parse_args((flags + SMOKE_RUN if args.smoke else flags + RUN_FLAGS)
+                                + args.train_flags)   # a bad extra flag: one line, before the GPU
     out_dir = os.path.join(ROOT, args.out_dir)
     os.makedirs(out_dir, exist_ok=True)
     res = {"environment": environment(device)}
@@ -360,14 +394,16 @@ def main(argv=None):
     print("step:", json.dumps(res["step"]), flush=True)
     save(res, out_dir)
     if device.type == "cuda":                  # leave train.sh's ranks the memory this one held
+        gc.collect()
         torch.cuda.empty_cache()
     run_dir = os.path.join(out_dir, "run")
     shutil.rmtree(run_dir, ignore_errors=True)
     t = time.time()
     train_flags = run_flags(res["step"]["step_ms"]) + args.train_flags
+    args.timeout = max(30, min(args.timeout, args.budget - (t - t0) - 60))   # 45 s grace + rest
     rc = run_train_sh(args, train_flags, run_dir, os.path.join(out_dir, "train.log"))
+    save(res, out_dir, final=True)             # train.log and metrics.jsonl out, whatever follows
     records = read_records(os.path.join(run_dir, "metrics.jsonl"))
-    run_cfg = cfg if args.smoke else nanor1.parse_args(flags + train_flags)
     world = 1 if args.smoke else torch.cuda.device_count()
     res["run"] = summarize_metrics(records, run_cfg.prompts_per_step * run_cfg.group_size,
                                    res["step"]["flops_per_token"], world,

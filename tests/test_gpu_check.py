@@ -118,6 +118,10 @@ def test_a_silent_command_is_stopped_at_the_timeout(tmp_path):
     assert time.monotonic() - t < 10
     assert gpu_check.run_logged(["bash", "-c", "echo done; exit 3"], 30, log) == 3
     assert open(log).read() == "done\n"
+    # a worker in its own session (as torchrun starts them) left holding the pipe: no hang
+    t = time.monotonic()
+    assert gpu_check.run_logged(["bash", "-c", "setsid sleep 20 & exit 0"], 60, log) == 0
+    assert time.monotonic() - t < 15
 
 
 def test_a_cut_metrics_line_is_skipped(tmp_path):
