@@ -64,6 +64,8 @@ def run_flags(step_ms) -> list:
     flags = list(RUN_FLAGS)
     flags[flags.index("--pretrain_steps") + 1] = str(max(50, min(300, steps)))
     return flags
+
+
 # --smoke: the CPU default shrunk, through `bash train.sh cpu` (the same script, the CPU branch)
 SMOKE_PRESET = ["--dim", "32", "--inter_dim", "64", "--moe_inter_dim", "32", "--n_layers", "2",
                 "--kv_lora_rank", "16", "--batch_size", "8", "--block_size", "128",
@@ -100,6 +102,13 @@ def environment(device) -> dict:
     return env
 
 
+def pretrain_loss(model, x, y):
+    """nanor1.pretrain's loss (packed documents attend to themselves only): loss, aux, logits."""
+    logits, aux = model(x, doc_ids=(x == EOT).cumsum(1))
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+    return loss, aux, logits.float()
+
+
 def bf16_check(cfg, device) -> dict:
     """The same weights and tokens through fp32 and bf16 autocast: how far the logits move."""
     torch.manual_seed(0)
@@ -111,9 +120,7 @@ def bf16_check(cfg, device) -> dict:
         for name, ctx in (("fp32", contextlib.nullcontext()),
                           ("bf16", torch.autocast(device.type, dtype=torch.bfloat16))):
             with ctx:
-                logits, _ = model(x, doc_ids=(x == EOT).cumsum(1))
-            logits = logits.float()
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+                loss, _, logits = pretrain_loss(model, x, y)
             out[name] = (logits, loss.item())
     diff = (out["bf16"][0] - out["fp32"][0]).abs()
     return {"logits_max_abs_diff": diff.max().item(),
@@ -142,14 +149,10 @@ def step_profile(cfg, device, timed: int, profiled: int) -> dict:
     def step(i):
         x, y = batches[i % len(batches)]
         with plumbing.autocast(cfg, device):
-            logits, aux = model(x, doc_ids=(x == EOT).cumsum(1))
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
-                                   ignore_index=-1)
+            loss, aux, _ = pretrain_loss(model, x, y)
         (loss + aux).backward()
-        loss.item()                                                   # as pretrain logs it
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        plumbing.clipped_step(cfg, model, opt, cfg.lr, loss.item(), "gpu_check", i + 1, timed,
+                              "--lr")                         # pretrain's step, syncs and all
         model.update_router_biases()
 
     for i in range(3):                                                # warm-up
